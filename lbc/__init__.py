@@ -1,0 +1,10 @@
+"""lbc: N:M fine-grained sparse training (LBC, SR-STE, ASP, dense) on any ``nn.Module``.
+
+>>> import lbc
+>>> sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_i=0, t_f=60)
+"""
+
+from lbc.sparsity import METHODS, NMPattern, SparsityMethod, parse_pattern, sparsify
+
+__version__ = "0.1.0"
+__all__ = ["METHODS", "NMPattern", "SparsityMethod", "parse_pattern", "sparsify", "__version__"]

@@ -1,0 +1,281 @@
+"""The one sparsity abstraction: a method object that attaches masks to any ``nn.Module``.
+
+A mask is a *reparametrisation* of an existing weight (``torch.nn.utils.parametrize``): the
+user's Conv2d/Linear keep their classes, their forward code and the state-dict key of their
+dense weight (``layer.weight``; the ``parametrizations.weight.original`` key is mapped back).
+Each method supplies a small parametrisation module whose custom autograd function owns the
+method's backward, so no trainer needs an "after backward" moment.
+
+The trainer (and any other loop, e.g. MMDetection hooks) talks to a method only through:
+``score_parameters``, ``param_groups``, ``update(epoch)``, ``state_dict``/``load_state_dict``,
+``report``, ``masks``, ``milestones`` and ``finalize``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lbc.errors import ConfigError
+from lbc.sparsity.nm import NMPattern, eligibility, is_nm, parse_pattern
+
+log = logging.getLogger(__name__)
+
+_ORIGINAL = "parametrizations.weight.original"
+
+
+def default_dense_layers(model: nn.Module) -> list[str]:
+    """Layers kept dense by default (SPEC: stem and classifier; DeiT: patch embedding and head).
+
+    timm models name them in ``pretrained_cfg`` (``first_conv``, ``classifier``); otherwise the
+    first Conv2d/Linear in module order (the stem) and the last Linear (the classifier).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names: list[str] = []
+    for key in ("first_conv", "classifier"):
+        value = cfg.get(key)
+        if value:
+            names.extend([value] if isinstance(value, str) else list(value))
+    if names:
+        return names
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        return []
+    names.append(layers[0][0])
+    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
+    if linears and linears[-1] != names[0]:
+        names.append(linears[-1])
+    return names
+
+
+def _matches(name: str, patterns: Iterable[str]) -> str | None:
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*"):
+            return pattern
+    return None
+
+
+def _save_dense_key(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    key = prefix + _ORIGINAL
+    if key in state_dict:
+        state_dict[prefix + "weight"] = state_dict.pop(key)
+
+
+def _load_dense_key(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    if prefix + "weight" in state_dict:
+        state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "weight")
+
+
+def attach_parametrization(module: nn.Module, parametrization: nn.Module) -> list[Any]:
+    """Reparametrise ``module.weight`` in place, keeping its dense state-dict key ``weight``."""
+    parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
+    return [
+        module.register_state_dict_post_hook(_save_dense_key),
+        module.register_load_state_dict_pre_hook(_load_dense_key),
+    ]
+
+
+class SparsityMethod:
+    """Base class: layer selection, attach/detach, masks, figures and the FLOPs bookkeeping.
+
+    Subclasses set ``name``, return a parametrisation from :meth:`parametrization` (or None to
+    leave a layer untouched) and may override :meth:`update`, :meth:`unit_cost` and friends.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pattern: str | NMPattern = "2:4",
+        exclude: list[str] | None = None,
+        strict: bool = False,
+        input_size: tuple[int, ...] | list[int] | None = None,
+    ) -> None:
+        from lbc.flops import layer_macs  # local: flops imports nothing from here, keeps import light
+
+        self.model = model
+        self.pattern = parse_pattern(pattern)
+        self.exclude = list(default_dense_layers(model) if exclude is None else exclude)
+        self.layers: dict[str, nn.Module] = {}
+        self.dense_reasons: dict[str, str] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            hit = _matches(name, self.exclude)
+            why = f"excluded by {hit!r}" if hit else eligibility(module, self.pattern)
+            if why is None:
+                self.layers[name] = module
+            else:
+                self.dense_reasons[name] = why
+        if strict:
+            bad = {n: r for n, r in self.dense_reasons.items() if not r.startswith("excluded")}
+            if bad:
+                name, why = next(iter(bad.items()))
+                raise ConfigError(f"sparsity.strict=true but layer {name!r} cannot be {self.pattern}: {why}")
+        # The cost of a layer in the training-FLOPs figure: its multiply-accumulates for one input
+        # of ``input_size`` (as the paper counts), or its weight count when no size is known.
+        all_layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        macs = layer_macs(model, tuple(input_size)) if input_size else {}
+        self.layer_cost = {n: float(macs.get(n, 0) or m.weight.numel()) for n, m in all_layers.items()}
+        self._handles: list[Any] = []
+        for name, module in self.layers.items():
+            parametrization = self.parametrization(name, module)
+            if parametrization is not None:
+                self._handles += attach_parametrization(module, parametrization)
+        self.epoch = 0.0
+        self._cost_timeline: list[tuple[float, float]] = [(0.0, self.step_cost())]
+
+    # --- what a method supplies -------------------------------------------------------------
+    def parametrization(self, name: str, module: nn.Module) -> nn.Module | None:
+        """The reparametrisation of ``module.weight`` (None: leave the layer as it is)."""
+        return None
+
+    def unit_cost(self, density: float) -> float:
+        """Cost of one training step of a layer at ``density``, relative to dense (fwd 1 + bwd 2).
+
+        Mask-based methods with a sparse backward (LBC, ASP fine-tuning) pay ``density`` for all
+        three units; SR-STE overrides this with its dense backward.
+        """
+        return density
+
+    def layer_mask(self, name: str) -> torch.Tensor | None:
+        """Current 0/1 (bool) mask of layer ``name``, shaped like its weight; None when dense."""
+        module = self.layers[name]
+        if not parametrize.is_parametrized(module, "weight"):
+            return None
+        return module.parametrizations.weight[0].mask
+
+    # --- the interface the trainer uses ------------------------------------------------------
+    def score_parameters(self) -> list[nn.Parameter]:
+        """Parameters the method owns and learns (LBC's scores); excluded from the model's groups."""
+        return []
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Extra optimizer parameter groups for :meth:`score_parameters`."""
+        return []
+
+    def update(self, epoch: float) -> None:
+        """Advance the method to (fractional) ``epoch``; idempotent and cheap when nothing changes."""
+        self.epoch = float(epoch)
+
+    def milestones(self) -> dict[str, int]:
+        """Checkpoints worth keeping by name: ``{name: epoch}`` (the state after that many epochs)."""
+        return {}
+
+    def finalize(self) -> None:
+        """End-of-training check of the method's promise; raises when it is broken."""
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{weight name: 0/1 float tensor shaped like the weight}`` for every masked layer."""
+        out = {}
+        for name in self.layers:
+            mask = self.layer_mask(name)
+            if mask is not None:
+                out[f"{name}.weight" if name else "weight"] = mask.float()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule bookkeeping; per-layer tensors (masks, scores) live in the model's state dict."""
+        return {
+            "method": self.name,
+            "pattern": str(self.pattern),
+            "epoch": self.epoch,
+            "cost_timeline": list(self._cost_timeline),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name or state.get("pattern") != str(self.pattern):
+            raise ConfigError(
+                f"sparsity state is for {state.get('method')} {state.get('pattern')}, "
+                f"not {self.name} {self.pattern}: use the same sparsity config to resume"
+            )
+        self.epoch = float(state["epoch"])
+        self._cost_timeline = [tuple(x) for x in state["cost_timeline"]]
+
+    def detach(self) -> None:
+        """Remove the reparametrisations, leaving each weight as its masked value ``B * W``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for module in self.layers.values():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+    # --- figures -----------------------------------------------------------------------------
+    def densities(self) -> dict[str, float]:
+        """Fraction of weights kept, per Conv2d/Linear layer (dense layers at 1.0)."""
+        out = dict.fromkeys(self.layer_cost, 1.0)
+        for name in self.layers:
+            mask = self.layer_mask(name)
+            if mask is not None:
+                out[name] = float(mask.float().mean())
+        return out
+
+    def step_cost(self, densities: dict[str, float] | None = None) -> float:
+        """Training FLOPs of one step relative to the dense model (SPEC "Training FLOPs")."""
+        densities = self.densities() if densities is None else densities
+        total = sum(self.layer_cost.values()) or 1.0
+        return sum(c * self.unit_cost(densities[n]) for n, c in self.layer_cost.items()) / total
+
+    def _record_cost(self) -> None:
+        """Note that the step cost changed at ``self.epoch`` (call after a mask change)."""
+        cost = self.step_cost()
+        if self._cost_timeline and self._cost_timeline[-1][0] >= self.epoch:
+            self._cost_timeline[-1] = (self.epoch, cost)
+        else:
+            self._cost_timeline.append((self.epoch, cost))
+
+    def train_flops_ratio(self, epoch: float | None = None) -> float:
+        """Training FLOPs from epoch 0 to ``epoch`` over the dense model's, the cost integrated in time."""
+        end = self.epoch if epoch is None else epoch
+        if end <= 0:
+            return self._cost_timeline[0][1]
+        spent = 0.0
+        for i, (start, cost) in enumerate(self._cost_timeline):
+            stop = self._cost_timeline[i + 1][0] if i + 1 < len(self._cost_timeline) else end
+            spent += cost * max(0.0, min(stop, end) - start)
+        return spent / end
+
+    def is_exact_nm(self) -> bool:
+        """Every selected layer's effective weight (mask) is N:M."""
+        return all(
+            (mask := self.layer_mask(name)) is not None and is_nm(mask, self.pattern) for name in self.layers
+        )
+
+    def extra_layer_figures(self, name: str) -> dict[str, Any]:
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        """Global scalars (for TensorBoard and metrics.jsonl) and a per-layer table."""
+        densities = self.densities()
+        weights = {n: m.weight.numel() for n, m in self.model.named_modules() if n in self.layer_cost}
+        kept = sum(densities[n] * w for n, w in weights.items())
+        layers = []
+        for name, density in densities.items():
+            row: dict[str, Any] = {"name": name, "shape": list(self.model.get_submodule(name).weight.shape)}
+            row["density"] = density
+            if name in self.layers:
+                mask = self.layer_mask(name)
+                row["nm"] = bool(mask is not None and is_nm(mask, self.pattern))
+                row.update(self.extra_layer_figures(name))
+            else:
+                row["dense_reason"] = self.dense_reasons.get(name, "")
+            layers.append(row)
+        scalars = {
+            "density": kept / max(1, sum(weights.values())),
+            "exact_nm": float(self.is_exact_nm()) if self.layers else 0.0,
+            "train_flops_ratio": self.train_flops_ratio(),
+            "step_flops_ratio": self.step_cost(densities),
+        }
+        scalars.update(self.extra_scalars())
+        return {"scalars": scalars, "layers": layers}
+
+    def extra_scalars(self) -> dict[str, float]:
+        return {}

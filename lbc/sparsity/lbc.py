@@ -1,0 +1,253 @@
+"""LBC, "Learning Best Combination" (Zhang et al., NeurIPS 2022), paper Sec. 3.3 and Alg. 1.
+
+Every group of M weights owns one learnable score per candidate N-subset (Eq. 8-9). Candidates
+are removed, lowest score first, on the gradual schedule of Eq. 6 between ``t_i`` and ``t_f``;
+the mask keeps every weight that some alive candidate contains (Eq. 8), the forward uses
+``B * W`` (Eq. 7) and the scores learn through the straight-through estimator (Eq. 9).
+
+Where the authors' released code differs from the paper, the difference is an option:
+``score_init="released"`` (1 / C(M-1, N-1)), ``rounding="released"`` (floor instead of ceil in
+Eq. 6), ``exponent=4`` with ``t_f`` at 2/3 of the epochs (their DeiT recipe) and
+``score_weight_decay`` (their code decays scores like weights: the default, None, does so too).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from lbc.errors import ConfigError
+from lbc.sparsity.base import SparsityMethod
+from lbc.sparsity.nm import NMPattern, candidate_matrix, from_groups, parse_pattern, to_groups
+from lbc.sparsity.registry import METHODS
+from lbc.sparsity.schedule import ROUNDINGS, removed_total
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("score",)
+
+
+class _LBCMask(torch.autograd.Function):
+    """Forward ``B * W`` (Eq. 7); backward: masked weight gradient and the STE score gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, mask, alive, candidates):  # type: ignore[override]
+        ctx.save_for_backward(weight if ctx.needs_input_grad[1] else None, mask, alive, candidates)
+        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        weight, mask, alive, candidates = ctx.saved_tensors
+        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
+        grad_weight = torch.where(mask, grad_out, zero) if ctx.needs_input_grad[0] else None
+        grad_scores = None
+        if ctx.needs_input_grad[1]:
+            # Eq. 9: dL/dB = W * dL/d(B*W); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
+            grad_mask = to_groups(weight * grad_out, candidates.shape[1])
+            grad_scores = torch.where(alive, grad_mask.to(candidates.dtype) @ candidates.T, zero)
+        return grad_weight, grad_scores, None, None, None
+
+
+def lbc_mask(
+    weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, alive: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """Effective weight ``B * W`` whose backward sends the straight-through gradient to ``scores``."""
+    return _LBCMask.apply(weight, scores, mask, alive, candidates)
+
+
+def mask_from_alive(alive: torch.Tensor, candidates: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Eq. 8: a weight is kept iff some alive candidate of its group contains it (bool, weight-shaped).
+
+    The paper writes the test as ``(S * alive) @ A != 0``; we test membership, ``alive @ A > 0``,
+    which is the paper's stated intent and cannot drop a weight whose alive scores sum to zero.
+    """
+    return from_groups((alive.to(candidates.dtype) @ candidates) > 0, shape)
+
+
+class LBCParametrization(nn.Module):
+    """Per-layer LBC state: scores S (G x C), alive set (G x C) and the mask B it implies."""
+
+    def __init__(self, weight: torch.Tensor, pattern: NMPattern, score_init: float) -> None:
+        super().__init__()
+        groups = weight.numel() // pattern.m
+        candidates = candidate_matrix(pattern, weight.device)
+        self.scores = nn.Parameter(torch.full((groups, pattern.num_candidates), float(score_init),
+                                              device=weight.device))
+        self.register_buffer("alive", torch.ones(groups, pattern.num_candidates, dtype=torch.bool,
+                                                 device=weight.device))
+        self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
+        self.register_buffer("candidates", candidates, persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return lbc_mask(weight, self.scores, self.mask, self.alive, self.candidates)
+
+    @torch.no_grad()
+    def remove(self, count: int, values: torch.Tensor) -> None:
+        """Remove the ``count`` lowest-valued alive candidates of every group (Alg. 1, line 7).
+
+        Ties go to the lower candidate index (stable sort), so every process removes the same.
+        """
+        if count <= 0:
+            return
+        ranked = values.float().masked_fill(~self.alive, math.inf)
+        order = torch.sort(ranked, dim=1, stable=True).indices[:, :count]
+        self.alive.scatter_(1, order, False)
+        self.mask.copy_(mask_from_alive(self.alive, self.candidates, self.mask.shape))
+
+
+@METHODS.register("lbc")
+class LBC(SparsityMethod):
+    """Learning Best Combination: learnable candidate scores, gradual removal, exact N:M after t_f."""
+
+    name = "lbc"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pattern: str | NMPattern = "2:4",
+        t_i: float = 0.0,
+        t_f: float | None = None,
+        exponent: int = 3,
+        rounding: str = "paper",
+        update_every: str = "epoch",
+        score_init: float | str = "paper",
+        score_weight_decay: float | None = None,
+        criterion: str = "score",
+        **common: Any,
+    ) -> None:
+        if t_f is None:
+            raise ConfigError("sparsity.t_f is required for lbc (the paper uses half the training epochs)")
+        if not 0 <= t_i <= t_f:
+            raise ConfigError(f"sparsity.t_i={t_i}, sparsity.t_f={t_f}: need 0 <= t_i <= t_f")
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"sparsity.rounding={rounding!r}; choose from {', '.join(ROUNDINGS)}")
+        if update_every not in ("epoch", "step"):
+            raise ConfigError(f"sparsity.update_every={update_every!r}; choose from epoch, step")
+        if criterion not in CRITERIA:
+            raise ConfigError(f"sparsity.criterion={criterion!r}; choose from {', '.join(CRITERIA)}")
+        if exponent < 1:
+            raise ConfigError(f"sparsity.exponent={exponent}; need a positive integer (paper: 3)")
+        self.t_i, self.t_f, self.exponent = float(t_i), float(t_f), int(exponent)
+        self.rounding, self.update_every, self.criterion = rounding, update_every, criterion
+        self.score_weight_decay = score_weight_decay
+        parsed = parse_pattern(pattern)
+        self.score_init = _score_init(score_init, parsed)
+        self.removed = 0
+        self._check_memory(model, parsed)
+        super().__init__(model, parsed, **common)
+        count = sum(p.numel() for p in self.score_parameters())
+        weights = sum(m.weight.numel() for m in self.layers.values())
+        log.info("lbc %s: %d layers, %.2fM scores (%.2f per weight)", self.pattern, len(self.layers),
+                 count / 1e6, count / max(1, weights))
+
+    # --- the method ---------------------------------------------------------------------------
+    def parametrization(self, name: str, module: nn.Module) -> nn.Module:
+        return LBCParametrization(module.weight, self.pattern, self.score_init)
+
+    def _states(self) -> list[LBCParametrization]:
+        return [m.parametrizations.weight[0] for m in self.layers.values()]
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        return [state.scores for state in self._states()]
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        decay = weight_decay if self.score_weight_decay is None else self.score_weight_decay
+        return [{"params": self.score_parameters(), "weight_decay": decay}]
+
+    def candidate_values(self, state: LBCParametrization) -> torch.Tensor:
+        """How much each candidate is worth keeping; the lowest alive ones are removed first."""
+        return state.scores.detach()
+
+    def target_removed(self, epoch: float) -> int:
+        """Candidates removed per group by ``epoch`` (Eq. 6), per epoch or per step."""
+        t = math.floor(epoch) if self.update_every == "epoch" else epoch
+        return removed_total(t, self.t_i, self.t_f, self.pattern.num_candidates, self.exponent, self.rounding)
+
+    def update(self, epoch: float) -> None:
+        """Remove candidates up to the schedule's count at ``epoch``; rebuild masks only then."""
+        self.epoch = float(epoch)
+        target = self.target_removed(epoch)
+        if target <= self.removed:
+            return
+        for state in self._states():
+            state.remove(target - self.removed, self.candidate_values(state))
+        self.removed = target
+        self._freeze_if_final()
+        self._record_cost()
+
+    def _freeze_if_final(self) -> None:
+        # One candidate left: the mask can never change again, so score work is pure waste.
+        final = self.removed >= self.pattern.num_candidates - 1
+        for scores in self.score_parameters():
+            scores.requires_grad_(not final)
+            if final:
+                scores.grad = None
+
+    def finalize(self) -> None:
+        if self.epoch >= self.t_f and not self.is_exact_nm():
+            raise RuntimeError(f"lbc: training passed t_f={self.t_f} but the model is not exactly {self.pattern}")
+        if self.epoch < self.t_f:
+            log.warning("lbc: training ended at epoch %.2f before t_f=%g: the model is not N:M yet",
+                        self.epoch, self.t_f)
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "removed": self.removed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.removed = int(state["removed"])
+        self._freeze_if_final()
+
+    def extra_scalars(self) -> dict[str, float]:
+        states = self._states()
+        groups = sum(s.alive.shape[0] for s in states)
+        alive = sum(int(s.alive.sum()) for s in states)
+        return {"alive_per_group": alive / max(1, groups), "removed_per_group": float(self.removed)}
+
+    def extra_layer_figures(self, name: str) -> dict[str, Any]:
+        state = self.layers[name].parametrizations.weight[0]
+        return {"alive_per_group": float(state.alive.sum()) / state.alive.shape[0]}
+
+    def _check_memory(self, model: nn.Module, pattern: NMPattern) -> None:
+        """Refuse, with one line, a pattern whose scores (plus gradient and optimizer state) cannot fit."""
+        params = list(model.parameters())
+        if not params:
+            return
+        device = params[0].device
+        weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        need = weights / pattern.m * pattern.num_candidates * 4 * 4  # scores, grads, 2 optimizer slots
+        free = _free_memory(device)
+        if free is not None and need > free:
+            raise ConfigError(
+                f"sparsity.pattern={pattern}: LBC needs {pattern.num_candidates / pattern.m:.2f} scores per weight, "
+                f"about {need / 2**30:.1f} GiB with gradients and optimizer state, but only "
+                f"{free / 2**30:.1f} GiB is free on {device}; choose a smaller M or fewer layers"
+            )
+
+
+def _score_init(value: float | str, pattern: NMPattern) -> float:
+    if value == "paper":
+        return 1.0
+    if value == "released":
+        return 1.0 / math.comb(pattern.m - 1, pattern.n - 1)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"sparsity.score_init={value!r}; use paper (1), released (1/C(M-1,N-1)) or a number") from None
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None

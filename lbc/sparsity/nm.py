@@ -1,0 +1,112 @@
+"""N:M patterns: parsing, grouping along the input channel, candidate matrix, N:M check.
+
+Pure functions shared by every method (paper Sec. 3.1): a weight ``W`` is reorganised as
+``(G, M)``, each row holding ``M`` consecutive *input-channel* weights of one output channel
+and kernel position, and an N:M weight has at most ``N`` non-zeros in every row.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lbc.errors import ConfigError
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """At most ``n`` non-zeros in every ``m`` consecutive weights."""
+
+    n: int
+    m: int
+
+    @property
+    def num_candidates(self) -> int:
+        """C(M, N): the size of the combination collection of one group (paper Eq. 2)."""
+        return math.comb(self.m, self.n)
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(spec: str | NMPattern | tuple[int, int], key: str = "sparsity.pattern") -> NMPattern:
+    """Parse ``"N:M"`` (or ``(N, M)``) and check 1 <= N < M; a one-line ConfigError otherwise."""
+    if isinstance(spec, NMPattern):
+        return spec
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        n, m = (int(v) for v in spec)
+    else:
+        match = _PATTERN.match(str(spec))
+        if not match:
+            raise ConfigError(f"{key}={spec!r} is not an N:M pattern; write it like 2:4 (1 <= N < M)")
+        n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise ConfigError(f"{key}={n}:{m} is not allowed; need 1 <= N < M (e.g. 2:4, 1:4, 2:8, 1:16)")
+    return NMPattern(n, m)
+
+
+@functools.lru_cache(maxsize=None)
+def _candidate_matrix_cpu(n: int, m: int) -> torch.Tensor:
+    subsets = list(itertools.combinations(range(m), n))
+    matrix = torch.zeros(len(subsets), m)
+    rows = torch.arange(len(subsets)).repeat_interleave(n)
+    matrix[rows, torch.tensor(subsets).flatten()] = 1.0
+    return matrix
+
+
+def candidate_matrix(pattern: NMPattern, device: torch.device | str | None = None) -> torch.Tensor:
+    """Incidence matrix ``A`` (C x M) of the N-subsets, in ``itertools.combinations`` order.
+
+    ``A[j, i] = 1`` iff weight ``i`` of a group belongs to candidate ``j`` (paper Eq. 2 and the
+    indicator of Eq. 8). Built once per pattern and cached.
+    """
+    return _candidate_matrix_cpu(pattern.n, pattern.m).to(device)
+
+
+def input_dim(weight_shape: torch.Size | tuple[int, ...]) -> int:
+    """Size of the dimension N:M groups run along: the input channels (per conv group)."""
+    return int(weight_shape[1])
+
+
+def to_groups(tensor: torch.Tensor, m: int) -> torch.Tensor:
+    """Reorganise a Linear (O, I) or Conv (O, I, kh, kw) tensor as (G, M) along the input channel."""
+    if tensor.dim() > 2:
+        tensor = tensor.movedim(1, -1)  # (O, kh, kw, I): input channels last and consecutive
+    return tensor.reshape(-1, m)
+
+
+def from_groups(groups: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`to_groups`: (G, M) back to the weight's own layout."""
+    if len(shape) > 2:
+        moved = (shape[0], *shape[2:], shape[1])
+        return groups.reshape(moved).movedim(-1, 1)
+    return groups.reshape(shape)
+
+
+def is_nm(tensor: torch.Tensor, pattern: NMPattern) -> bool:
+    """True iff every group of M consecutive input-channel entries has at most N non-zeros."""
+    if input_dim(tensor.shape) % pattern.m:
+        return False
+    return bool(((to_groups(tensor, pattern.m) != 0).sum(dim=1) <= pattern.n).all())
+
+
+def eligibility(module: nn.Module, pattern: NMPattern) -> str | None:
+    """Why ``module`` cannot be made N:M, or None when it can (Conv2d/Linear, I divisible by M)."""
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        return f"{type(module).__name__} is not Conv2d or Linear"
+    width = input_dim(module.weight.shape)
+    if width % pattern.m:
+        return f"input dimension {width} is not divisible by M={pattern.m}"
+    return None

@@ -1,7 +1,9 @@
 """Candidate-removal schedules: pure functions of the (possibly fractional) epoch.
 
 Exact rational arithmetic (``fractions.Fraction``) so that ``ceil`` never lands on the wrong side
-of an integer because of float round-off: every DDP rank and every resume agrees.
+of an integer because of float round-off: every DDP rank and every resume agrees. A float epoch
+such as ``step / steps_per_epoch`` is read back as the fraction it stands for (denominators up to
+10^6), so ``150 / 45`` counts as exactly 10/3.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import math
 from fractions import Fraction
 
 ROUNDINGS = ("paper", "released")
+_MAX_DENOMINATOR = 10**6
 
 
 def removed_total(
@@ -29,7 +32,7 @@ def removed_total(
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r}; choose from {ROUNDINGS}")
     last = num_candidates - 1
-    t, t_i, t_f = Fraction(t), Fraction(t_i), Fraction(t_f)
+    t, t_i, t_f = (Fraction(v).limit_denominator(_MAX_DENOMINATOR) for v in (t, t_i, t_f))
     if t >= t_f:
         return last
     if t <= t_i:

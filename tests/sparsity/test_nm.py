@@ -1,0 +1,70 @@
+"""Grouping, candidate matrix and pattern parsing (paper Sec. 3.1-3.2)."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lbc.errors import ConfigError
+from lbc.sparsity.nm import (
+    NMPattern,
+    candidate_matrix,
+    eligibility,
+    from_groups,
+    is_nm,
+    parse_pattern,
+    to_groups,
+)
+
+
+@pytest.mark.parametrize("spec,n,m", [("2:4", 2, 4), (" 1:16 ", 1, 16), ((4, 8), 4, 8)])
+def test_parse(spec, n, m):
+    assert parse_pattern(spec) == NMPattern(n, m)
+
+
+@pytest.mark.parametrize("spec", ["4:4", "5:4", "0:4", "2-4", "abc"])
+def test_parse_rejects(spec):
+    with pytest.raises(ConfigError, match="sparsity.pattern"):
+        parse_pattern(spec)
+
+
+def test_candidate_matrix_is_combinations_order():
+    a = candidate_matrix(NMPattern(2, 4))
+    assert a.shape == (6, 4)
+    rows = [tuple(int(i) for i in torch.nonzero(r).flatten()) for r in a]
+    assert rows == list(itertools.combinations(range(4), 2))
+    assert candidate_matrix(NMPattern(4, 8)).shape == (70, 8)
+    assert (candidate_matrix(NMPattern(4, 8)).sum(1) == 4).all()
+
+
+def test_conv_groups_run_along_input_channels():
+    o, i, kh, kw = 3, 8, 2, 2
+    w = torch.arange(o * i * kh * kw, dtype=torch.float).reshape(o, i, kh, kw)
+    groups = to_groups(w, 4)
+    assert groups.shape == (o * kh * kw * i // 4, 4)
+    # first group: output 0, kernel position (0, 0), input channels 0..3
+    assert torch.equal(groups[0], w[0, 0:4, 0, 0])
+    assert torch.equal(groups[1], w[0, 4:8, 0, 0])
+    assert torch.equal(groups[2], w[0, 0:4, 0, 1])
+    assert torch.equal(from_groups(groups, w.shape), w)
+
+
+def test_linear_groups_and_is_nm():
+    w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 3, 4]])
+    assert torch.equal(to_groups(w, 4), w.reshape(2, 4))
+    assert is_nm(w, NMPattern(2, 4))
+    assert not is_nm(w, NMPattern(1, 4))
+    conv = torch.zeros(2, 8, 3, 3)
+    conv[:, 0] = 1  # one non-zero input channel per group of 4
+    assert is_nm(conv, NMPattern(1, 4))
+    conv[0, 1, 1, 1] = 1
+    assert not is_nm(conv, NMPattern(1, 4))
+
+
+def test_eligibility():
+    p = NMPattern(2, 4)
+    assert eligibility(nn.Conv2d(16, 8, 3), p) is None
+    assert "divisible" in eligibility(nn.Conv2d(3, 8, 3), p)
+    assert eligibility(nn.Linear(8, 3), p) is None
+    assert "not Conv2d or Linear" in eligibility(nn.BatchNorm2d(8), p)

@@ -1,0 +1,147 @@
+"""One training epoch and one evaluation pass (DeiT ``engine.py`` style: short, top to bottom)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lbc.engine import distributed
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.amp autocast on CUDA when ``amp_dtype`` is set; a no-op otherwise (CPU runs stay fp32)."""
+    if amp_dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=amp_dtype)
+
+
+def expected_batch(loader: Any, index: int) -> int:
+    """How many images batch ``index`` would hold if none were unreadable (the collate drops those)."""
+    batch_size = loader.batch_size
+    if getattr(loader, "drop_last", False) or batch_size is None:
+        return batch_size or 0
+    return max(0, min(batch_size, len(loader.sampler) - index * batch_size))
+
+
+def train_one_epoch(
+    replica: distributed.Replica,
+    loader: Any,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sparsity: Any,
+    *,
+    epoch: int,
+    epochs: int,
+    steps: int,
+    device: torch.device,
+    scaler: torch.amp.GradScaler,
+    amp_dtype: torch.dtype | None = None,
+    mixup: Callable | None = None,
+    ema: nn.Module | None = None,
+    clip_grad: float | None = None,
+    channels_last: bool = False,
+    log_interval: int = 10,
+    log_step: Callable[[dict[str, float], int], None] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train ``steps`` steps of epoch ``epoch`` (0-based); returns mean loss, last lr, skipped images."""
+    replica.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = expected = 0
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True, leave=False)
+    for i, batch in enumerate(itertools.islice(loader, steps)):
+        step = epoch * steps + i
+        expected += expected_batch(loader, i)
+        if batch is None:  # every image of the batch was unreadable
+            bar.update(1)
+            continue
+        images, targets = batch
+        seen += len(targets)
+        sparsity.update(epoch + i / steps)  # may freeze parameters: rewrap DDP if so
+        replica.refresh()
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:  # soft targets; an odd batch loses its last sample
+            images, targets = mixup(images, targets)
+
+        with autocast(device, amp_dtype):
+            loss = criterion(replica(images), targets)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}; stopping")
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(replica.module.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step_update(step + 1)
+        if ema is not None:
+            ema.update(replica.module, step=step + 1)
+
+        loss_sum += loss.detach() * len(targets)
+        bar.update(1)
+        if (i + 1) % log_interval == 0 or i + 1 == steps:
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            if log_step is not None:
+                log_step({"loss": loss.item(), "lr": lr}, step + 1)
+    bar.close()
+    total_loss, seen, expected = distributed.all_reduce_sum([loss_sum.item(), seen, expected], device)
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_skipped": int(expected - seen),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean loss over the (sharded, then summed) validation set."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss = correct1 = correct5 = seen = expected = 0.0
+    for i, batch in enumerate(itertools.islice(loader, max_steps)):
+        expected += expected_batch(loader, i)
+        if batch is None:
+            continue
+        images, targets = batch
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        loss += criterion(logits.float(), targets).item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        correct1 += hits[:, :1].sum().item()
+        correct5 += hits.sum().item()
+        seen += len(targets)
+    loss, correct1, correct5, seen, expected = distributed.all_reduce_sum(
+        [loss, correct1, correct5, seen, expected], device
+    )
+    n = max(seen, 1)
+    return {
+        "val_loss": loss / n,
+        "top1": 100.0 * correct1 / n,
+        "top5": 100.0 * correct5 / n,
+        "val_skipped": int(expected - seen),
+    }

@@ -1,0 +1,81 @@
+"""Optimizer (SGD / AdamW) with weight-decay groups chosen by parameter and module type, and the LR schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from lbc.errors import ConfigError
+
+# Parameters of these modules are never decayed (their scale is the point of them).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float, exclude: Iterable[nn.Parameter] = ()) -> list[dict]:
+    """Two groups: decayed weights, and norm-layer parameters plus biases (any ``ndim <= 1``) at 0.
+
+    Decided by module and parameter type, not name patterns; a timm model's own
+    ``no_weight_decay()`` set (DeiT's ``pos_embed``, ``cls_token``) is honoured too. ``exclude``
+    holds parameters someone else owns (a sparsity method's scores), which get their own groups.
+    """
+    skip = {id(p) for p in exclude}
+    declared = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or id(p) in skip or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            full_name = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, NORM_TYPES) or p.ndim <= 1 or full_name in declared:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    name: str,
+    param_groups: list[dict],
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """SGD (momentum, nesterov) or AdamW over ``param_groups`` (groups may set their own lr / decay)."""
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    raise ConfigError(f"optim.name={name!r} is not a known optimizer; choose from: adamw, sgd")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0,
+    warmup_lr: float = 1e-5,
+    min_lr: float = 0.0,
+) -> CosineLRScheduler:
+    """timm's cosine schedule counted in optimizer steps (call ``step_update(step)`` every step)."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=epochs * steps_per_epoch,
+        lr_min=min_lr,
+        warmup_t=round(warmup_epochs * steps_per_epoch),
+        warmup_lr_init=warmup_lr,
+        t_in_epochs=False,
+    )

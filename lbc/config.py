@@ -91,6 +91,9 @@ def validate(cfg: DictConfig) -> None:
     Model, data and sparsity values are checked by their own builders (registries), which run
     right after this at start-up.
     """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: pass {missing[0]}=... on the command line")
     for key in ("model.name", "data.name", "sparsity.method"):
         if not isinstance(_get(cfg, key), str):
             raise ConfigError(f"{key} must be a name (string)")

@@ -1,0 +1,99 @@
+"""End-to-end training: resume reproduces the uninterrupted run bit for bit; metrics.jsonl; checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import lbc.engine.trainer as trainer
+from lbc.engine import checkpoint
+
+REQUIRED = {"epoch", "train_loss", "top1", "top5", "lr", "seconds", "skipped"}
+
+
+def params(run_dir):
+    return checkpoint.load(run_dir / "last.pt")
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["epoch"] == b["epoch"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    assert a["sparsity"] == b["sparsity"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_in_epoch(monkeypatch, at: int) -> None:
+    real = trainer.train_one_epoch
+
+    def flaky(*args, epoch, **kwargs):
+        if epoch == at:
+            raise Crash(f"simulated crash in epoch {epoch}")
+        return real(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", flaky)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparsity", ["dense", "lbc"])
+def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, monkeypatch, sparsity):
+    over = [f"sparsity={sparsity}"] + (["sparsity.t_f=1", "trainer.ema=true"] if sparsity == "lbc" else [])
+    straight = trainer.run(make_config(*over, run_dir=tmp_path / "straight"))
+
+    # Crash in the second epoch: last.pt from the first survives, and the same run_dir resumes.
+    crash_in_epoch(monkeypatch, at=1)
+    with pytest.raises(Crash):
+        trainer.run(make_config(*over, run_dir=tmp_path / "crashed"))
+    shutil.copy(tmp_path / "crashed" / "last.pt", tmp_path / "epoch1.pt")
+    monkeypatch.undo()
+    resumed = trainer.run(make_config(*over, run_dir=tmp_path / "crashed"))
+    assert_same_state(params(tmp_path / "straight"), params(tmp_path / "crashed"))
+    assert resumed["top1"] == straight["top1"]
+
+    # An explicit trainer.resume into a fresh run dir does the same.
+    trainer.run(make_config(*over, f"trainer.resume={tmp_path / 'epoch1.pt'}", run_dir=tmp_path / "explicit"))
+    assert_same_state(params(tmp_path / "straight"), params(tmp_path / "explicit"))
+
+    lines = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+@pytest.mark.slow
+def test_run_dir_contents_and_metrics(make_config, tmp_path):
+    cfg = make_config("trainer.ema=true", "optim=adamw", "optim.lr=1e-3")
+    result = trainer.run(cfg)
+    run_dir = tmp_path / "run"
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "last.pt"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == cfg.schedule.epochs
+    for epoch, line in enumerate(lines, start=1):
+        record = json.loads(line)
+        assert REQUIRED <= record.keys() and record["epoch"] == epoch
+        assert 0 <= record["top1"] <= record["top5"] <= 100 and record["skipped"] == 0
+        assert "sparsity/density" in record and "ema_top1" in record
+    ckpt = checkpoint.load(run_dir / "last.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "sparsity", "epoch", "rng", "config"} <= ckpt.keys()
+    assert {"torch", "cuda", "numpy", "python"} <= ckpt["rng"][0].keys()
+    assert result["run_dir"] == str(run_dir) and result["sparsity/density"] == 1.0
+
+    # A finished run resumed again trains nothing more and reports the same.
+    again = trainer.run(cfg)
+    assert again["top1"] == result["top1"]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == cfg.schedule.epochs

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Training-step time of each sparsity method over the dense step, same model and batch, one run.
+
+    python benchmarks/step_time.py                       # CPU: ResNet-18 at 16x224x224 and 64x32x32
+    python benchmarks/step_time.py --device cuda --steps 50
+
+Methods are measured round-robin (one step of each in turn), so drift of the machine hits all of
+them alike; the figure is the median step time over ``--steps`` rounds, as a ratio to dense.
+Also times one LBC schedule update (a removal of candidates) on ResNet-50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lbc  # noqa: E402
+from lbc.sparsity import METHODS  # noqa: E402
+
+# name -> (sparsify options, epoch to put the method at before timing)
+VARIANTS: dict[str, tuple[dict, float]] = {
+    "dense": ({"method": "dense"}, 0),
+    "lbc_removing": ({"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": 10}, 1),  # scores learning
+    "lbc_after_t_f": ({"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": 10}, 10),  # one candidate left
+    "srste": ({"method": "srste", "pattern": "2:4"}, 0),
+    "asp_finetune": ({"method": "asp", "pattern": "2:4", "dense_epochs": 0, "finetune_epochs": 1}, 0),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(variant: str, batch: int, size: int, device: torch.device) -> Callable[[], None]:
+    """One SGD training step (forward, loss, backward, optimizer) of ResNet-18 with ``variant``."""
+    options, epoch = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=100).to(device)
+    sp = lbc.sparsify(model, **options)
+    sp.update(epoch)
+    own = {id(p) for p in sp.score_parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in own]}] + sp.param_groups(5e-4)
+    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        sp.update(epoch)  # what the trainer does every step: must cost nothing when nothing changes
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(variants: list[str], batch: int, size: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each variant, measured round-robin."""
+    fns = {v: make_step(v, batch, size, device) for v in variants}
+    for fn in fns.values():  # warm-up: allocator, caches, lazy init
+        fn()
+        fn()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(steps):
+        for v, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[v].append(time.perf_counter() - start)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def time_schedule_update(device: torch.device) -> float:
+    """Seconds for one LBC 2:4 removal (Eq. 6 count, top-k of scores, Eq. 8 masks) on ResNet-50."""
+    model = torchvision.models.resnet50().to(device)
+    sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_i=0, t_f=10)
+    with torch.no_grad():
+        for s in sp.score_parameters():
+            s.normal_()
+    _sync(device)
+    start = time.perf_counter()
+    sp.update(1)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds per setting")
+    parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(VARIANTS)}")
+    parser.add_argument("--sizes", nargs="*", default=["16x224", "64x32"], help="BATCHxSIDE settings")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    variants = args.variants or [v for v, (o, _) in VARIANTS.items() if o["method"] in METHODS]
+    if "dense" not in variants:
+        variants = ["dense", *variants]
+    result: dict = {"device": str(device), "threads": torch.get_num_threads(), "steps": args.steps}
+    print(f"device={device} threads={torch.get_num_threads()} median of {args.steps} round-robin steps")
+    for setting in args.sizes:
+        batch, size = (int(v) for v in setting.split("x"))
+        seconds = time_steps(variants, batch, size, args.steps, device)
+        print(f"\nResNet-18, batch {batch} x {size}x{size}")
+        print(f"{'variant':<16} {'ms/step':>10} {'x dense':>8}")
+        for v, s in seconds.items():
+            print(f"{v:<16} {s * 1e3:>10.1f} {s / seconds['dense']:>8.3f}")
+        result[setting] = {v: {"ms": s * 1e3, "ratio": s / seconds["dense"]} for v, s in seconds.items()}
+    update = time_schedule_update(device)
+    print(f"\nOne LBC schedule update on ResNet-50: {update * 1e3:.1f} ms")
+    result["lbc_update_resnet50_ms"] = update * 1e3
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -63,7 +63,6 @@ class EpochLoader(DataLoader):
             self.sampler.set_epoch(epoch)
         else:  # DistributedSampler (built with seed=0) and RepeatAugSampler seed their order from this alone
             self.sampler.set_epoch(epoch_seed(self.seed, epoch))
-        self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank, 1))
 
     @property
     def num_samples(self) -> int:
@@ -72,8 +71,10 @@ class EpochLoader(DataLoader):
         return n - n % self.batch_size if self.drop_last else n  # type: ignore[operator]
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        seed = epoch_seed(self.seed, self.epoch, self.rank, 1)
+        self.generator.manual_seed(seed)  # workers' seeds are drawn from it when the iterator starts
         it = super().__iter__()
-        return it if self.num_workers > 0 else _private_rng(it, epoch_seed(self.seed, self.epoch, self.rank, 1))
+        return it if self.num_workers > 0 else _private_rng(it, seed)
 
 
 def _swap_rng(state: tuple) -> tuple:

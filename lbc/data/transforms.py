@@ -6,6 +6,7 @@ import torch
 from timm.data import Mixup
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_pil_interp
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
@@ -39,7 +40,7 @@ def train_transform(
         hparams = dict(
             translate_const=int(image_size * 0.45),
             img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN),
-            interpolation=interpolation,
+            interpolation=str_to_pil_interp(interpolation),
         )
         steps.append(rand_augment_transform(rand_augment, hparams))  # on PIL images, as timm does
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

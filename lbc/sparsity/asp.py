@@ -1,0 +1,187 @@
+"""ASP, NVIDIA apex automatic sparsity: dense training, one-shot magnitude pruning, masked fine-tuning.
+
+The model trains dense for ``dense_epochs``; :meth:`ASP.update` then prunes once to N:M (every
+group keeps its N largest ``|w|``) and the mask stays fixed for ``finetune_epochs``.
+
+Guarantee for pruned positions: the *effective* weight (what the forward uses, what
+``layer.weight`` returns, what :meth:`detach` leaves) is exactly zero after the prune, whatever the
+optimizer does, because the forward multiplies by the mask and the weight gradient is masked.
+The *stored* weight is zeroed at the prune and again on every :meth:`update` and at
+:meth:`finalize`; between two ``update`` calls only optimizer state carried over from the dense
+phase (momentum, Adam moments) can move it, never gradients or (coupled or decoupled) weight decay.
+With ``init_from`` the prune happens before the optimizer exists, so stored zeros stay zero.
+
+apex defaults that differ are options: ``prune_classifier`` (apex prunes it) and ``apex_dims``
+(apex skips layers whose output dim is not a multiple of 8 or input dim not a multiple of 16).
+apex's channel permutation search is out of scope: groups are pruned in their given order.
+apex monkey-patches ``optimizer.step``; we do not: the masked backward lives in the parametrisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lbc.errors import ConfigError
+from lbc.sparsity.base import SparsityMethod, default_dense_layers
+from lbc.sparsity.nm import NMPattern, parse_pattern
+from lbc.sparsity.registry import METHODS
+from lbc.sparsity.srste import topn_mask
+
+log = logging.getLogger(__name__)
+
+
+class _FixedMask(torch.autograd.Function):
+    """Forward ``mask * W``; backward ``mask * dL/dW_eff`` (pruned weights get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask):  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)), None
+
+
+class ASPParametrization(nn.Module):
+    """Per-layer ASP state: a fixed bool mask (all ones until the prune)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _FixedMask.apply(weight, self.mask)
+
+
+def classifier_layers(model: nn.Module) -> list[str]:
+    """The classifier among the default dense layers: timm's ``pretrained_cfg['classifier']``, else the last Linear."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    value = cfg.get("classifier")
+    if value:
+        return [value] if isinstance(value, str) else list(value)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Load a dense checkpoint (``{"model": state_dict}`` or a plain state dict) into ``model``."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"sparsity.init_from={path!r}: no such file (a .pt checkpoint of a dense run)")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"sparsity.init_from={path!r} holds no state dict (expected a 'model' entry or a state dict)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ConfigError(f"sparsity.init_from={path!r} does not fit the model: {first[1].strip() if len(first) > 1 else first[0]}") from None
+
+
+@METHODS.register("asp")
+class ASP(SparsityMethod):
+    """Dense for ``dense_epochs``, one-shot magnitude prune to N:M, masked fine-tuning (apex ASP)."""
+
+    name = "asp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pattern: str | NMPattern = "2:4",
+        dense_epochs: int = 0,
+        finetune_epochs: int = 0,
+        init_from: str | None = None,
+        prune_classifier: bool = False,
+        apex_dims: bool = False,
+        exclude: list[str] | None = None,
+        **common: Any,
+    ) -> None:
+        for key, value in (("dense_epochs", dense_epochs), ("finetune_epochs", finetune_epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"sparsity.{key}={value!r}; need a non-negative number of epochs")
+        if init_from:
+            load_init(model, init_from)  # before attaching: plain keys, no mask buffers expected
+            if dense_epochs:
+                log.info("asp: init_from=%s given, so dense_epochs=%s becomes 0 (prune now)", init_from, dense_epochs)
+            dense_epochs = 0
+        self.dense_epochs, self.finetune_epochs = dense_epochs, finetune_epochs
+        self.init_from, self.prune_classifier, self.apex_dims = init_from, prune_classifier, apex_dims
+        if exclude is None and prune_classifier:
+            classifier = set(classifier_layers(model))
+            exclude = [n for n in default_dense_layers(model) if n not in classifier]
+        self.pruned = False
+        self._apex_skipped: dict[str, str] = {}
+        super().__init__(model, parse_pattern(pattern), exclude=exclude, **common)
+        for name, why in self._apex_skipped.items():
+            del self.layers[name]
+            self.dense_reasons[name] = why
+        if self.dense_epochs == 0:
+            self.prune()
+
+    def parametrization(self, name: str, module: nn.Module) -> nn.Module | None:
+        out, inp = module.weight.shape[:2]
+        if self.apex_dims and (out % 8 or inp % 16):
+            self._apex_skipped[name] = f"apex_dims: output dim {out} not a multiple of 8 or input dim {inp} of 16"
+            return None
+        return ASPParametrization(module.weight)
+
+    def _states(self) -> list[tuple[nn.Parameter, ASPParametrization]]:
+        return [(m.parametrizations.weight.original, m.parametrizations.weight[0]) for m in self.layers.values()]
+
+    @torch.no_grad()
+    def prune(self) -> None:
+        """One-shot magnitude pruning: keep the N largest ``|w|`` per group; zero the stored rest."""
+        for weight, state in self._states():
+            state.mask.copy_(topn_mask(weight, self.pattern))
+        self.pruned = True
+        self._zero_pruned()
+        self._record_cost()
+        log.info("asp: pruned %d layers to %s at epoch %g", len(self.layers), self.pattern, self.epoch)
+
+    @torch.no_grad()
+    def _zero_pruned(self) -> None:
+        for weight, state in self._states():
+            weight.masked_fill_(~state.mask, 0)
+
+    def update(self, epoch: float) -> None:
+        """Prune once when ``epoch`` reaches ``dense_epochs`` (idempotent); keep stored pruned weights at 0."""
+        self.epoch = float(epoch)
+        if not self.pruned and self.epoch >= self.dense_epochs:
+            self.prune()
+        elif self.pruned:
+            self._zero_pruned()
+
+    def milestones(self) -> dict[str, int]:
+        """Keep the dense hand-off checkpoint (``dense.pt``) when there is a dense phase."""
+        return {"dense": self.dense_epochs} if self.dense_epochs > 0 else {}
+
+    def phases(self) -> list[tuple[str, int]]:
+        """Named training phases in order, for a trainer that restarts the lr schedule per phase."""
+        out = [("dense", self.dense_epochs)] if self.dense_epochs > 0 else []
+        return out + [("finetune", self.finetune_epochs)]
+
+    def finalize(self) -> None:
+        if self.pruned:
+            self._zero_pruned()
+        if self.epoch >= self.dense_epochs and not self.is_exact_nm():
+            raise RuntimeError(f"asp: training passed the prune at epoch {self.dense_epochs} but is not exactly {self.pattern}")
+        if not self.pruned:
+            log.warning("asp: training ended at epoch %.2f before the prune at %g: the model is dense",
+                        self.epoch, self.dense_epochs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pruned": self.pruned, "dense_epochs": self.dense_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pruned = bool(state["pruned"])

@@ -81,6 +81,13 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running stats) on every rank: DDP syncs them only before a forward."""
+    if is_distributed():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 def trainable_signature(model: nn.Module) -> tuple[bool, ...]:
     """Which parameters require grad: DDP must be rebuilt when this changes."""
     return tuple(p.requires_grad for p in model.parameters())
@@ -138,6 +145,8 @@ class Replica:
             return False
         self.signature = signature
         self.rebuilds += 1
+        if self.rebuilds and is_distributed() and is_main():
+            print(f"ddp: trainable parameters changed ({sum(signature)} of {len(signature)}); rebuilt the wrapper", flush=True)
         wrapped = wrap(self.module, self.device, self.find_unused_parameters)
         self.forward = torch.compile(wrapped) if self.compile else wrapped
         return True

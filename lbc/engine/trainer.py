@@ -153,6 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log_interval=tcfg.log_interval, log_step=lambda v, s: logger.scalars(v, s, prefix="train/"),
             progress=main and tcfg.progress,
         )  # fmt: skip
+        distributed.broadcast_buffers(model)  # the sharded evaluation and the checkpoint see rank 0's BN stats
         eval_args = dict(device=device, amp_dtype=amp_dtype, channels_last=tcfg.channels_last, max_steps=tcfg.max_eval_steps)
         stats |= evaluate(model, val_loader, **eval_args)
         if ema is not None:

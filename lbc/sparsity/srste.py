@@ -56,7 +56,12 @@ def srste_mask(weight: torch.Tensor, pattern: NMPattern, lambda_w: float) -> tup
 
 
 class SRSTEParametrization(nn.Module):
-    """Per-layer SR-STE state: the current mask (a bool buffer, refreshed by every forward)."""
+    """Per-layer SR-STE state: the mask of the last training-mode forward (a bool buffer).
+
+    Every forward uses the top-N mask of the current weight; only training-mode forwards write it
+    to the buffer, so ``masks()``/``report()`` show the mask the last optimizer step used and
+    evaluation (or an EMA copy in eval mode) has no side effects on the buffer.
+    """
 
     def __init__(self, weight: torch.Tensor, pattern: NMPattern, lambda_w: float) -> None:
         super().__init__()
@@ -65,8 +70,9 @@ class SRSTEParametrization(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         out, mask = srste_mask(weight, self.pattern, self.lambda_w)
-        with torch.no_grad():
-            self.mask.copy_(mask)
+        if self.training:
+            with torch.no_grad():
+                self.mask.copy_(mask)
         return out
 
 

@@ -157,3 +157,22 @@ def test_apex_defaults_as_options():
     sp = lbc.sparsify(_apex_net(hidden=32), method="asp", dense_epochs=0, apex_dims=True, prune_classifier=True)
     assert set(sp.layers) == {"2", "3"}  # the classifier's 10 outputs are not a multiple of 8
     assert sp.is_exact_nm() and "4" in sp.dense_reasons
+
+
+def test_resume_after_the_prune_keeps_the_mask(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    model = Net()
+    sp = lbc.sparsify(model, method="asp", pattern="2:4", exclude=[], dense_epochs=1, finetune_epochs=1)
+    sp.update(1)
+    saved = copy.deepcopy((model.state_dict(), sp.state_dict()))
+    torch.manual_seed(1)
+    clone = Net()
+    sp2 = lbc.sparsify(clone, method="asp", pattern="2:4", exclude=[], dense_epochs=1, finetune_epochs=1)
+    clone.load_state_dict(saved[0])
+    sp2.load_state_dict(saved[1])
+    assert sp2.pruned and sp2.is_exact_nm()
+    assert all(torch.equal(sp.masks()[k], v) for k, v in sp2.masks().items())
+    sp2.update(1.5)  # no second prune
+    assert all(torch.equal(sp.masks()[k], v) for k, v in sp2.masks().items())

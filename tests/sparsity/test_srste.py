@@ -56,6 +56,16 @@ def test_method_mask_buffer_follows_every_forward_and_is_nm_from_the_start():
     assert torch.equal(state.mask, _reference_mask(layer.parametrizations.weight.original.detach(), NMPattern(2, 4)))
     assert torch.equal(sp.masks()["weight"], state.mask.float())
     assert is_nm(layer.weight, NMPattern(2, 4))
+    trained = state.mask.clone()
+    layer.eval()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(4, 16))
+    out = layer(torch.randn(2, 16))  # eval: fresh top-N in the forward, buffer left alone
+    assert torch.equal(state.mask, trained)
+    assert is_nm(layer.weight, NMPattern(2, 4)) and out.shape == (2, 4)
+    layer.train()
+    layer(torch.randn(2, 16))
+    assert torch.equal(state.mask, _reference_mask(layer.parametrizations.weight.original.detach(), NMPattern(2, 4)))
     assert "weight" in layer.state_dict() and "parametrizations.weight.0.mask" in layer.state_dict()
 
 
@@ -120,3 +130,22 @@ def test_lambda_w_means_the_same_under_ddp(tmp_path):
     pruned = ~single[0].parametrizations.weight[0].mask
     moved = (single.state_dict()["0.weight"] - before["0.weight"])[pruned].abs()
     assert moved.max() > 1e-2
+
+
+def test_deepcopy_state_dict_round_trip_and_inference_mode():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    sp = lbc.sparsify(model, method="srste", exclude=[])
+    with torch.inference_mode():
+        model(torch.randn(2, 8))
+    clone = copy.deepcopy(model)
+    clone(torch.randn(2, 8)).sum().backward()
+    assert clone[0].parametrizations.weight.original.grad is not None
+    other = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    sp2 = lbc.sparsify(other, method="srste", exclude=[])
+    other.load_state_dict(model.state_dict())
+    sp2.load_state_dict(sp.state_dict())
+    for (key, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key

@@ -99,3 +99,24 @@ def test_synthetic_is_deterministic_per_index_and_shaped():
     assert not torch.equal(ds.train[0][0], ds.val[0][0])
     with pytest.raises(IndexError):
         ds.train[6]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("repeated_aug", [0, 3])
+def test_distributed_samplers_follow_seed_and_epoch(one_process_group, repeated_aug):
+    def order(seed, epoch):
+        loader = build_loader(Noisy(), batch_size=20, train=True, workers=0, seed=seed, epoch=epoch,
+                              distributed=True, repeated_aug=repeated_aug)
+        return next(iter(loader))[1].tolist()
+
+    assert order(0, 2) == order(0, 2) and order(0, 2) != order(0, 3) and order(0, 2) != order(1, 2)
+    if not repeated_aug:
+        assert sorted(order(0, 2)) == list(range(20))

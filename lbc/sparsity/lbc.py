@@ -243,11 +243,13 @@ class LBC(SparsityMethod):
             state.tracking = state.grad_accum is not None and not final
 
     def finalize(self) -> None:
-        if self.epoch >= self.t_f and not self.is_exact_nm():
-            raise RuntimeError(f"lbc: training passed t_f={self.t_f} but the model is not exactly {self.pattern}")
-        if self.epoch < self.t_f:
-            log.warning("lbc: training ended at epoch %.2f before t_f=%g: the model is not N:M yet",
-                        self.epoch, self.t_f)
+        """Raise if the schedule has run out (one candidate per group) but the model is not N:M."""
+        if self.target_removed(self.epoch) >= self.pattern.num_candidates - 1:
+            if not self.is_exact_nm():
+                raise RuntimeError(f"lbc: the schedule ended at t_f={self.t_f} but the model is not exactly {self.pattern}")
+        else:
+            log.warning("lbc: training ended at epoch %.2f, before the schedule's end (t_f=%g, per %s): "
+                        "the model is not N:M yet", self.epoch, self.t_f, self.update_every)
 
     # --- bookkeeping --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,6 @@ asks which method it is running.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import time

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lbc.errors import ConfigError
-from lbc.sparsity.base import SparsityMethod
+from lbc.sparsity.base import SparsityMethod, float_view
 from lbc.sparsity.nm import NMPattern, candidate_matrix, from_groups, parse_pattern, to_groups
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.schedule import ROUNDINGS, removed_total
@@ -51,18 +51,17 @@ class _LBCMask(torch.autograd.Function):
         keep_weight = ctx.needs_input_grad[1] or grad_sink is not None
         ctx.save_for_backward(weight if keep_weight else None, mask, alive, candidates)
         ctx.grad_sink = grad_sink
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return weight * mask
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         weight, mask, alive, candidates = ctx.saved_tensors
-        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
-        grad_weight = torch.where(mask, grad_out, zero) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_out * mask if ctx.needs_input_grad[0] else None
         grad_scores = None
         if ctx.needs_input_grad[1]:
             # Eq. 9: dL/dB = W * dL/d(B*W); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
             grad_mask = to_groups(weight * grad_out, candidates.shape[1])
-            grad_scores = torch.where(alive, grad_mask.to(candidates.dtype) @ candidates.T, zero)
+            grad_scores = (grad_mask.to(candidates.dtype) @ candidates.T) * alive
         if ctx.grad_sink is not None:
             ctx.grad_sink.add_(to_groups(weight * grad_out, candidates.shape[1]).abs().to(ctx.grad_sink.dtype))
         return grad_weight, grad_scores, None, None, None, None
@@ -77,7 +76,8 @@ def lbc_mask(
     grad_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Effective weight ``B * W`` whose backward sends the straight-through gradient to ``scores``
-    (and adds ``|W * dL/dW_eff|`` grouped (G, M) to ``grad_sink`` when given)."""
+    (and adds ``|W * dL/dW_eff|`` grouped (G, M) to ``grad_sink`` when given). ``mask`` and
+    ``alive`` are 0/1 tensors, bool or (faster) of the weight's and scores' float dtypes."""
     return _LBCMask.apply(weight, scores, mask, alive, candidates, grad_sink)
 
 
@@ -112,7 +112,9 @@ class LBCParametrization(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         sink = self.grad_accum if self.tracking else None
-        return lbc_mask(weight, self.scores, self.mask, self.alive, self.candidates, sink)
+        mask = float_view(self, "mask", weight.dtype)
+        alive = float_view(self, "alive", self.scores.dtype)
+        return lbc_mask(weight, self.scores, mask, alive, self.candidates, sink)
 
     @torch.no_grad()
     def remove(self, count: int, values: torch.Tensor) -> None:

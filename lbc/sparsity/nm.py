@@ -57,7 +57,7 @@ def parse_pattern(spec: str | NMPattern | tuple[int, int], key: str = "sparsity.
     return NMPattern(n, m)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _candidate_matrix_cpu(n: int, m: int) -> torch.Tensor:
     subsets = list(itertools.combinations(range(m), n))
     matrix = torch.zeros(len(subsets), m)

@@ -24,11 +24,27 @@ from lbc.sparsity.registry import METHODS
 
 
 def topn_mask(weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
-    """Bool mask, weight-shaped, keeping the N largest ``|w|`` of every group (vectorised top-k)."""
-    groups = to_groups(weight.detach().abs(), pattern.m)
-    keep = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device)
-    keep.scatter_(1, groups.topk(pattern.n, dim=1).indices, True)
-    return from_groups(keep, weight.shape)
+    """Bool mask, weight-shaped, keeping the N largest ``|w|`` of every group; ties keep the lower index.
+
+    For M <= 8 a weight is kept when fewer than N of its group rank ahead of it: M(M-1) comparisons
+    over strided views of the weight, vectorised over all groups and without the copies to (G, M),
+    2-3x faster than ``topk`` on CPU. Larger M uses ``topk`` over the (G, M) view.
+    """
+    magnitude = weight.detach().abs()
+    if pattern.m > 8:
+        groups = to_groups(magnitude, pattern.m)
+        keep = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device)
+        keep.scatter_(1, groups.topk(pattern.n, dim=1).indices, True)
+        return from_groups(keep, weight.shape)
+    columns = magnitude.unflatten(1, (weight.shape[1] // pattern.m, pattern.m)).unbind(2)
+    kept = []
+    for i, own in enumerate(columns):
+        ahead = torch.zeros(own.shape, dtype=torch.uint8, device=weight.device)
+        for j, other in enumerate(columns):
+            if j != i:
+                ahead += (other >= own) if j < i else (other > own)
+        kept.append(ahead < pattern.n)
+    return torch.stack(kept, 2).flatten(1, 2)
 
 
 class _SRSTEMask(torch.autograd.Function):
@@ -37,16 +53,16 @@ class _SRSTEMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, n, m, lambda_w):  # type: ignore[override]
         mask = topn_mask(weight, NMPattern(n, m))
+        pruned = (~mask).to(weight.dtype)  # float multiplies are far faster than torch.where on CPU
         ctx.lambda_w = lambda_w
-        ctx.save_for_backward(weight, mask)
+        ctx.save_for_backward(weight, pruned)
         ctx.mark_non_differentiable(mask)
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), mask
+        return weight - weight * pruned, mask
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask):  # type: ignore[override]
-        weight, mask = ctx.saved_tensors
-        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-        grad_weight = grad_out + ctx.lambda_w * torch.where(mask, zero, weight)
+        weight, pruned = ctx.saved_tensors
+        grad_weight = torch.addcmul(grad_out, weight, pruned, value=ctx.lambda_w)
         return grad_weight, None, None, None
 
 

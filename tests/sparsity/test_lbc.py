@@ -185,7 +185,7 @@ def test_state_dict_keeps_dense_key_and_mid_schedule_resume_is_bit_for_bit():
 
     _train(model, sp, epochs=9, steps=3, seed=1, opt=opt, start=6)
     _train(clone, sp2, epochs=9, steps=3, seed=1, opt=opt2, start=6)
-    for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert sp.state_dict() == sp2.state_dict()
     assert sp.is_exact_nm()

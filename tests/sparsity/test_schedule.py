@@ -22,7 +22,7 @@ def test_released_rounding_removes_one_fewer_at_some_epochs():
     # (C-1) - ceil((C-1) * (1 - t/10)^3) for C = 6, by hand.
     released = [removed_total(t, 0, 10, 6, rounding="released") for t in range(11)]
     assert released == [0, 1, 2, 3, 3, 4, 4, 4, 4, 4, 5]
-    assert all(0 <= p - r <= 1 for p, r in zip(PAPER[6], released))
+    assert all(0 <= p - r <= 1 for p, r in zip(PAPER[6], released, strict=True))
 
 
 def test_before_t_i_and_after_t_f():

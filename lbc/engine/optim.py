@@ -64,7 +64,7 @@ def build_optimizer(
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
-    epochs: int,
+    epochs: float,
     steps_per_epoch: int,
     warmup_epochs: float = 0,
     warmup_lr: float = 1e-5,
@@ -73,9 +73,39 @@ def build_scheduler(
     """timm's cosine schedule counted in optimizer steps (call ``step_update(step)`` every step)."""
     return CosineLRScheduler(
         optimizer,
-        t_initial=epochs * steps_per_epoch,
+        t_initial=max(1, round(epochs * steps_per_epoch)),
         lr_min=min_lr,
         warmup_t=round(warmup_epochs * steps_per_epoch),
         warmup_lr_init=warmup_lr,
         t_in_epochs=False,
     )
+
+
+class PhasedScheduler:
+    """One cosine schedule (warm-up included) per training phase, restarted at each phase start.
+
+    ASP's recipe trains dense and then fine-tunes the pruned model "with the same schedule";
+    with a single phase this is exactly :func:`build_scheduler`.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, phase_epochs: Sequence[float], steps_per_epoch: int, **kwargs: float
+    ) -> None:
+        bounds = [0]
+        for epochs in phase_epochs:
+            bounds.append(bounds[-1] + round(epochs * steps_per_epoch))
+        self.starts = bounds[:-1]
+        self.schedulers = [build_scheduler(optimizer, e, steps_per_epoch, **kwargs) for e in phase_epochs]
+
+    def step_update(self, num_updates: int) -> None:
+        """Set the lr for global step ``num_updates``: the phase's own schedule, from its start."""
+        phase = max(i for i, start in enumerate(self.starts) if start <= num_updates)
+        self.schedulers[phase].step_update(num_updates - self.starts[phase])
+
+    def state_dict(self) -> dict:
+        return {"starts": self.starts, "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.starts = list(state["starts"])
+        for scheduler, sub in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(sub)

@@ -26,7 +26,8 @@ from lbc.data import build_datasets, build_loader, build_mixup
 from lbc.engine import checkpoint, distributed
 from lbc.engine.logging import RunLogger
 from lbc.engine.loop import evaluate, train_one_epoch
-from lbc.engine.optim import build_optimizer, build_scheduler, weight_decay_groups
+from lbc.engine.optim import PhasedScheduler, build_optimizer, weight_decay_groups
+from lbc.errors import ConfigError
 from lbc.models import build_model
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,8 +94,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     optimizer = build_optimizer(ocfg.name, groups, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **extra)
     steps = len(train_loader) if tcfg.max_steps_per_epoch is None else min(len(train_loader), tcfg.max_steps_per_epoch)
     epochs = int(scfg.epochs)
-    scheduler = build_scheduler(
-        optimizer, epochs, steps, warmup_epochs=scfg.warmup_epochs, warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr
+    phases = [epochs_ for _, epochs_ in sp.phases()] or [epochs]
+    if abs(sum(phases) - epochs) > 1e-6:
+        named = " + ".join(f"{name} {e:g}" for name, e in sp.phases())
+        raise ConfigError(f"the sparsity method's phases ({named}) must add up to schedule.epochs={epochs}")
+    scheduler = PhasedScheduler(
+        optimizer, phases, steps, warmup_epochs=scfg.warmup_epochs, warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 

@@ -80,7 +80,8 @@ def load_init(model: nn.Module, path: str) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise ConfigError(f"sparsity.init_from={path!r} holds no state dict (expected a 'model' entry or a state dict)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # Dense weights only: a method's own state (masks, scores) of the earlier run is not ours.
+    state = {k.removeprefix("module."): v for k, v in state.items() if ".parametrizations." not in k}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -114,6 +115,10 @@ class ASP(SparsityMethod):
             if dense_epochs:
                 log.info("asp: init_from=%s given, so dense_epochs=%s becomes 0 (prune now)", init_from, dense_epochs)
             dense_epochs = 0
+        if not float(dense_epochs).is_integer():
+            raise ConfigError(f"sparsity.dense_epochs={dense_epochs!r}; need a whole number of epochs "
+                              "(the dense hand-off checkpoint dense.pt is written at an epoch's end)")
+        dense_epochs = int(dense_epochs)
         self.dense_epochs, self.finetune_epochs = dense_epochs, finetune_epochs
         self.init_from, self.prune_classifier, self.apex_dims = init_from, prune_classifier, apex_dims
         if exclude is None and prune_classifier:

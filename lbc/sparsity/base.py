@@ -194,6 +194,13 @@ class SparsityMethod:
         """Checkpoints worth keeping by name: ``{name: epoch}`` (the state after that many epochs)."""
         return {}
 
+    def phases(self) -> list[tuple[str, float]]:
+        """Named training phases in epochs, each with its own lr schedule (ASP: dense, finetune).
+
+        Empty: one phase spanning the whole schedule. When given, they must add up to its epochs.
+        """
+        return []
+
     def finalize(self) -> None:
         """End-of-training check of the method's promise; raises when it is broken."""
 

@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lbc  # noqa: E402
+from lbc.engine.optim import build_optimizer, weight_decay_groups  # noqa: E402
 from lbc.sparsity import METHODS  # noqa: E402
 
 # name -> (sparsify options, epoch to put the method at before timing)
@@ -44,15 +45,17 @@ def _sync(device: torch.device) -> None:
 
 
 def make_step(variant: str, batch: int, size: int, device: torch.device) -> Callable[[], None]:
-    """One SGD training step (forward, loss, backward, optimizer) of ResNet-18 with ``variant``."""
+    """One SGD training step (forward, loss, backward, optimizer) of ResNet-18 with ``variant``.
+
+    The optimizer and its parameter groups are built as the trainer builds them.
+    """
     options, epoch = VARIANTS[variant]
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=100).to(device)
     sp = lbc.sparsify(model, **options)
     sp.update(epoch)
-    own = {id(p) for p in sp.score_parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in own]}] + sp.param_groups(5e-4)
-    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    groups = weight_decay_groups(model, 5e-4, exclude=sp.score_parameters()) + sp.param_groups(5e-4)
+    opt = build_optimizer("sgd", groups, lr=0.01, weight_decay=5e-4, momentum=0.9)  # as the trainer does
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()

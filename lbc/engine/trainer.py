@@ -168,8 +168,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.epoch(last)
         logger.scalars({k: v for k, v in last.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
         if main and tcfg.progress:
+            density = f"  density {last['sparsity/density']:.3f}" if "sparsity/density" in last else ""
             print(f"epoch {epoch + 1}/{epochs}: loss {stats['train_loss']:.4f}  top-1 {stats['top1']:.2f}  "
-                  f"top-5 {stats['top5']:.2f}  lr {stats['lr']:.2e}  {stats['seconds']:.1f}s", flush=True)
+                  f"top-5 {stats['top5']:.2f}  lr {stats['lr']:.2e}{density}  {stats['seconds']:.1f}s", flush=True)
 
         done = epoch + 1
         keep = [name for name, at in milestones.items() if at == done]

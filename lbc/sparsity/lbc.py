@@ -127,10 +127,11 @@ class LBCParametrization(nn.Module):
         if count <= 0:
             return
         ranked = values.float().masked_fill(~self.alive, math.inf)
-        for _ in range(count):
+        for left in range(count - 1, -1, -1):
             lowest = ranked.argmin(dim=1, keepdim=True)
             self.alive.scatter_(1, lowest, False)
-            ranked.scatter_(1, lowest, math.inf)
+            if left:
+                ranked.scatter_(1, lowest, math.inf)
         self.mask.copy_(mask_from_alive(self.alive, self.candidates, self.mask.shape))
         if self.grad_accum is not None:
             self.grad_accum.zero_()  # the gradient criterion counts the steps since the last removal

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -302,11 +302,15 @@ def _score_init(value: float | str, pattern: NMPattern) -> float:
 
 
 def _free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None: unknown, do not refuse)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            return None
+    if device.type != "cpu":
+        return None
+    try:  # MemAvailable counts reclaimable page cache; "free" pages alone would refuse too early
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return None

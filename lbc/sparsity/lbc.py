@@ -23,7 +23,7 @@ from torch import nn
 
 from lbc.errors import ConfigError
 from lbc.sparsity.base import SparsityMethod, float_view
-from lbc.sparsity.nm import NMPattern, candidate_matrix, from_groups, parse_pattern, to_groups
+from lbc.sparsity.nm import NMPattern, candidate_matrix, candidate_sums, from_groups, parse_pattern, to_groups
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.schedule import ROUNDINGS, removed_total
 
@@ -47,10 +47,10 @@ class _LBCMask(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, mask, alive, candidates, grad_sink=None):  # type: ignore[override]
+    def forward(ctx, weight, scores, mask, alive, candidates, pattern, grad_sink=None):  # type: ignore[override]
         keep_weight = ctx.needs_input_grad[1] or grad_sink is not None
         ctx.save_for_backward(weight if keep_weight else None, mask, alive, candidates)
-        ctx.grad_sink = grad_sink
+        ctx.grad_sink, ctx.pattern = grad_sink, pattern
         return weight * mask
 
     @staticmethod
@@ -60,11 +60,10 @@ class _LBCMask(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[1]:
             # Eq. 9: dL/dB = W * dL/d(B*W); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
-            grad_mask = to_groups(weight * grad_out, candidates.shape[1])
-            grad_scores = (grad_mask.to(candidates.dtype) @ candidates.T) * alive
+            grad_scores = candidate_sums(weight * grad_out, ctx.pattern).to(candidates.dtype) * alive
         if ctx.grad_sink is not None:
             ctx.grad_sink.add_(to_groups(weight * grad_out, candidates.shape[1]).abs().to(ctx.grad_sink.dtype))
-        return grad_weight, grad_scores, None, None, None, None
+        return grad_weight, grad_scores, None, None, None, None, None
 
 
 def lbc_mask(
@@ -74,11 +73,13 @@ def lbc_mask(
     alive: torch.Tensor,
     candidates: torch.Tensor,
     grad_sink: torch.Tensor | None = None,
+    pattern: NMPattern | None = None,
 ) -> torch.Tensor:
     """Effective weight ``B * W`` whose backward sends the straight-through gradient to ``scores``
     (and adds ``|W * dL/dW_eff|`` grouped (G, M) to ``grad_sink`` when given). ``mask`` and
     ``alive`` are 0/1 tensors, bool or (faster) of the weight's and scores' float dtypes."""
-    return _LBCMask.apply(weight, scores, mask, alive, candidates, grad_sink)
+    pattern = NMPattern(int(candidates[0].sum().item()), candidates.shape[1]) if pattern is None else pattern
+    return _LBCMask.apply(weight, scores, mask, alive, candidates, pattern, grad_sink)
 
 
 def mask_from_alive(alive: torch.Tensor, candidates: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -97,6 +98,7 @@ class LBCParametrization(nn.Module):
         self, weight: torch.Tensor, pattern: NMPattern, score_init: float, track_gradient: bool = False
     ) -> None:
         super().__init__()
+        self.pattern = pattern
         groups = weight.numel() // pattern.m
         candidates = candidate_matrix(pattern, weight.device)
         self.scores = nn.Parameter(torch.full((groups, pattern.num_candidates), float(score_init),
@@ -114,7 +116,7 @@ class LBCParametrization(nn.Module):
         sink = self.grad_accum if self.tracking else None
         mask = float_view(self, "mask", weight.dtype)
         alive = float_view(self, "alive", self.scores.dtype)
-        return lbc_mask(weight, self.scores, mask, alive, self.candidates, sink)
+        return lbc_mask(weight, self.scores, mask, alive, self.candidates, sink, self.pattern)
 
     @torch.no_grad()
     def remove(self, count: int, values: torch.Tensor) -> None:

@@ -95,6 +95,32 @@ def from_groups(groups: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     return groups.reshape(shape)
 
 
+_STRIDED_SUMS_MAX_CANDIDATES = 16
+
+
+def candidate_sums(values: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """(G, C): for every group, the sum of ``values`` (weight-shaped) over each candidate's members.
+
+    The sum of Eq. 9 (and of the magnitude/gradient criteria). For C <= 16 it adds strided
+    views of ``values`` straight into the output, one pass per candidate and vectorised over
+    all groups: about 2x faster on CPU than the (G, M) copy and the skinny (G, M) @ (M, C)
+    product used for larger C.
+    """
+    if pattern.num_candidates > _STRIDED_SUMS_MAX_CANDIDATES:
+        return to_groups(values, pattern.m) @ candidate_matrix(pattern, values.device).to(values.dtype).T
+    moved = values.movedim(1, -1) if values.dim() > 2 else values  # a view: input channels last
+    columns = moved.unflatten(-1, (moved.shape[-1] // pattern.m, pattern.m)).unbind(-1)
+    out = values.new_empty(*columns[0].shape, pattern.num_candidates)
+    for j, members in enumerate(itertools.combinations(range(pattern.m), pattern.n)):
+        if len(members) == 1:
+            out[..., j].copy_(columns[members[0]])
+            continue
+        torch.add(columns[members[0]], columns[members[1]], out=out[..., j])
+        for i in members[2:]:
+            out[..., j].add_(columns[i])
+    return out.reshape(-1, pattern.num_candidates)
+
+
 def is_nm(tensor: torch.Tensor, pattern: NMPattern) -> bool:
     """True iff every group of M consecutive input-channel entries has at most N non-zeros."""
     if input_dim(tensor.shape) % pattern.m:

@@ -68,3 +68,14 @@ def test_eligibility():
     assert "divisible" in eligibility(nn.Conv2d(3, 8, 3), p)
     assert eligibility(nn.Linear(8, 3), p) is None
     assert "not Conv2d or Linear" in eligibility(nn.BatchNorm2d(8), p)
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(1, 4), NMPattern(3, 4), NMPattern(1, 16),
+                                     NMPattern(2, 8), NMPattern(4, 8)])
+@pytest.mark.parametrize("shape", [(6, 16), (4, 16, 3, 2)])
+def test_candidate_sums_match_the_incidence_matrix(pattern, shape):
+    from lbc.sparsity.nm import candidate_sums
+
+    values = torch.randn(shape, dtype=torch.float64)
+    expected = to_groups(values, pattern.m) @ candidate_matrix(pattern).double().T
+    torch.testing.assert_close(candidate_sums(values, pattern), expected)

@@ -26,9 +26,9 @@ from lbc.sparsity.registry import METHODS
 def topn_mask(weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """Bool mask, weight-shaped, keeping the N largest ``|w|`` of every group; ties keep the lower index.
 
-    For M <= 8 a weight is kept when fewer than N of its group rank ahead of it: M(M-1) comparisons
-    over strided views of the weight, vectorised over all groups and without the copies to (G, M),
-    2-3x faster than ``topk`` on CPU. Larger M uses ``topk`` over the (G, M) view.
+    For M <= 8 a weight is kept when fewer than N of its group rank ahead of it: M(M-1)/2
+    comparisons over strided views of the weight, vectorised over all groups and without the
+    copies to (G, M), several times faster than ``topk`` on CPU. Larger M uses ``topk`` over (G, M).
     """
     magnitude = weight.detach().abs()
     if pattern.m > 8:
@@ -37,13 +37,15 @@ def topn_mask(weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
         keep.scatter_(1, groups.topk(pattern.n, dim=1).indices, True)
         return from_groups(keep, weight.shape)
     columns = magnitude.unflatten(1, (weight.shape[1] // pattern.m, pattern.m)).unbind(2)
-    kept = []
-    for i, own in enumerate(columns):
-        ahead = torch.zeros(own.shape, dtype=torch.uint8, device=weight.device)
-        for j, other in enumerate(columns):
-            if j != i:
-                ahead += (other >= own) if j < i else (other > own)
-        kept.append(ahead < pattern.n)
+    # ahead[i] = how many of the group rank before weight i (larger, or equal at a lower index).
+    # Each pair is compared once: j > i is ahead of i iff |w_j| > |w_i|, else i is ahead of j.
+    ahead = [torch.full(columns[0].shape, i, dtype=torch.int8, device=weight.device) for i in range(pattern.m)]
+    for i in range(pattern.m):
+        for j in range(i + 1, pattern.m):
+            later_wins = (columns[j] > columns[i]).view(torch.int8)
+            ahead[i] += later_wins
+            ahead[j] -= later_wins
+    kept = [rank < pattern.n for rank in ahead]
     return torch.stack(kept, 2).flatten(1, 2)
 
 

@@ -75,6 +75,13 @@ def candidate_matrix(pattern: NMPattern, device: torch.device | str | None = Non
     return _candidate_matrix_cpu(pattern.n, pattern.m).to(device)
 
 
+@functools.cache
+def candidates_containing(pattern: NMPattern) -> tuple[tuple[int, ...], ...]:
+    """For each position i of a group, the indices of the candidates that contain it (rows of A^T)."""
+    subsets = list(itertools.combinations(range(pattern.m), pattern.n))
+    return tuple(tuple(j for j, s in enumerate(subsets) if i in s) for i in range(pattern.m))
+
+
 def input_dim(weight_shape: torch.Size | tuple[int, ...]) -> int:
     """Size of the dimension N:M groups run along: the input channels (per conv group)."""
     return int(weight_shape[1])

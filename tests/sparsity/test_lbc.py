@@ -26,7 +26,7 @@ A24 = candidate_matrix(NMPattern(2, 4))  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
     ],
 )
 def test_eq8_mask_from_hand_made_alive_sets(alive, expected):
-    mask = mask_from_alive(torch.tensor([alive], dtype=torch.bool), A24, torch.Size([1, 4]))
+    mask = mask_from_alive(torch.tensor([alive], dtype=torch.bool), NMPattern(2, 4), torch.Size([1, 4]))
     assert mask.tolist() == [[bool(v) for v in expected]]
 
 
@@ -50,7 +50,7 @@ def test_eq9_score_gradient_and_masked_weight_gradient(shape, pattern):
     alive = torch.rand(groups, pattern.num_candidates, generator=gen) > 0.4
     alive[:, 0] = True
     a = candidate_matrix(pattern)
-    mask = mask_from_alive(alive, a, weight.shape)
+    mask = mask_from_alive(alive, pattern, weight.shape)
     grad_out = torch.randn(shape, generator=gen)
     out = lbc_mask(weight, scores, mask, alive, a)
     assert torch.equal(out, weight.detach() * mask)  # Eq. 7
@@ -237,3 +237,33 @@ def test_training_flops_follow_the_logged_density():
     assert d2 == pytest.approx(0.5)  # exactly 2:4 everywhere: half the work forward and backward
     sp.update(4)
     assert sp.train_flops_ratio() == pytest.approx((1.0 + d1 + 2 * d2) / 4)
+
+
+@pytest.mark.parametrize("candidates", [4, 6, 8])
+def test_removal_position_is_a_stable_ascending_sort(candidates):
+    from lbc.sparsity.lbc import removal_position
+
+    gen = torch.Generator().manual_seed(candidates)
+    values = torch.randint(0, 3, (500, candidates), generator=gen).float()  # many ties
+    values[values == 2] = float("inf")  # removed candidates rank last
+    expected = torch.sort(values, dim=1, stable=True).indices.argsort(dim=1)
+    assert torch.equal(removal_position(values).long(), expected)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:4", "1:8", "1:16", "2:8", "4:8"])
+def test_removal_and_masks_match_the_sort_and_the_incidence_matrix(pattern):
+    """Every pattern (fast paths and general paths alike) removes the lowest-scored, ties by index."""
+    p = lbc.parse_pattern(pattern)
+    layer = nn.Linear(2 * p.m, 64, bias=False)
+    sp = lbc.sparsify(layer, method="lbc", pattern=p, exclude=[], t_i=0, t_f=10)
+    state = layer.parametrizations.weight[0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        state.scores.copy_(torch.randint(0, 4, state.scores.shape, generator=gen).float())
+    scores = state.scores.detach().clone()
+    sp.update(1)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    expected = torch.ones_like(state.alive).scatter_(1, order[:, : sp.removed], False)
+    assert sp.removed > 0 and torch.equal(state.alive, expected)
+    reference = (expected.float() @ candidate_matrix(p)) > 0
+    assert torch.equal(to_groups(state.mask, p.m), reference)

@@ -1,0 +1,44 @@
+"""Test-time counts as the paper counts them (Table 4), and the summary tool's command line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torchvision
+from torch import nn
+
+from lbc.summary import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_hand_counted_model():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1, bias=False), nn.Flatten(), nn.Linear(256, 10))
+    totals = summarize(model, "2:4", input_size=(3, 4, 4))["totals"]
+    # conv0 (stem, dense): 3*16 + 16 bias; conv1 at 2:4: 256 -> 128; fc (classifier, dense): 2560 + 10
+    assert totals["params_total"] == 64 + 256 + 2570
+    assert totals["params_nonzero"] == 64 + 128 + 2570
+    # MACs on a 4x4 image: conv0 16*3*16, conv1 16*16*16 (half at 2:4), fc 256*10
+    assert totals["flops_dense"] == 768 + 4096 + 2560
+    assert totals["flops_sparse"] == 768 + 2048 + 2560
+
+
+def test_resnet50_1_16_matches_table_4():
+    totals = summarize(torchvision.models.resnet50(), "1:16")["totals"]
+    assert round(totals["params_nonzero"] / 1e6, 2) == 3.52  # Table 4: LBC 1:16, 3.52M parameters
+    assert abs(totals["flops_dense"] / 4.09e9 - 1) < 0.01  # torchvision's 4.09 GFLOPS (MACs) for ResNet-50
+    assert totals["flops_sparse"] < totals["flops_dense"] / 8
+
+
+def test_cli_prints_a_table_and_a_json_last_line():
+    run = [sys.executable, "tools/summary.py", "--model", "resnet_small", "--num-classes", "10",
+           "--image-size", "32", "--pattern", "1:4"]
+    proc = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    totals = json.loads(lines[-1])
+    assert totals["pattern"] == "1:4" and totals["params_nonzero"] < totals["params_total"]
+    assert any(line.startswith("conv1 ") and "excluded" in line for line in lines)
+    bad = subprocess.run([*run[:-1], "4:4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "sparsity.pattern" in bad.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -63,4 +64,8 @@ def load(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"trainer.resume={str(path)!r}: no such checkpoint file")
     # The checkpoint holds numpy/python RNG states and the config, so it is not weights-only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"trainer.resume={str(path)!r} is not a readable checkpoint: {first}") from None

@@ -20,6 +20,7 @@ apex monkey-patches ``optimizer.step``; we do not: the masked backward lives in 
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,11 @@ def load_init(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"sparsity.init_from={path!r}: no such file (a .pt checkpoint of a dense run)")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"sparsity.init_from={path!r} is not a readable checkpoint: {first}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

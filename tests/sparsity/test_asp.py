@@ -139,6 +139,10 @@ def test_init_from_loads_weights_and_prunes_at_epoch_0(tmp_path):
     lbc.sparsify(Net(), method="asp", exclude=[], init_from=str(tmp_path / "plain.pt"))
     with pytest.raises(ConfigError, match="sparsity.init_from"):
         lbc.sparsify(Net(), method="asp", init_from=str(tmp_path / "missing.pt"))
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="sparsity.init_from.*not a readable checkpoint") as err:
+        lbc.sparsify(Net(), method="asp", init_from=str(tmp_path / "broken.pt"))
+    assert "\n" not in str(err.value)
 
 
 def _apex_net(hidden=16):

@@ -37,6 +37,10 @@ def main(cfg: DictConfig) -> None:
         message = " ".join(str(e).split("\n")[0].split())
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
+        print(f"error: {e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint "
+              f"is in {cfg.run_dir})", file=sys.stderr, flush=True)
+        sys.exit(1)
     distributed.shutdown()  # under torchrun: leave the group and os._exit(0) (gloo can abort at exit)
 
 

@@ -76,8 +76,6 @@ def train_one_epoch(
 
         with autocast(device, amp_dtype):
             loss = criterion(replica(images), targets)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i}; stopping")
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -93,10 +91,14 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(targets)
         bar.update(1)
         if (i + 1) % log_interval == 0 or i + 1 == steps:
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            # Read the loss (a device sync) only here, not every step; a non-finite loss stops the
+            # run before this epoch's checkpoint, so the last good one is what resume picks up.
+            value, lr = loss.item(), optimizer.param_groups[0]["lr"]
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at epoch {epoch + 1}, step {i + 1}; stopping")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
             if log_step is not None:
-                log_step({"loss": loss.item(), "lr": lr}, step + 1)
+                log_step({"loss": value, "lr": lr}, step + 1)
     bar.close()
     total_loss, seen, expected = distributed.all_reduce_sum([loss_sum.item(), seen, expected], device)
     return {

@@ -74,3 +74,13 @@ def test_torchrun_two_processes_end_identical(tmp_path):
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     assert proc.stdout.count("done: top-1") == 1
     assert "rebuilt the wrapper" in proc.stdout
+
+
+@pytest.mark.slow
+def test_diverged_run_stops_with_one_line_and_no_checkpoint(tmp_path):
+    proc = train(*TINY, "sparsity=dense", "optim.lr=1e30", f"run_dir={tmp_path / 'nan'}", timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: loss is nan at epoch 1"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "nan" / "last.pt").exists()  # nothing diverged was saved

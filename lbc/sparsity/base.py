@@ -98,6 +98,8 @@ def float_view(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor
     storage, so a copied or moved module never uses a stale cache.
     """
     buffer = getattr(module, name)
+    if torch.compiler.is_compiling():  # traced: the compiler fuses the conversion into its kernels
+        return buffer.to(dtype)
     key = (buffer._version, buffer.data_ptr(), dtype)
     cache = module.__dict__.setdefault("_float_views", {})
     hit = cache.get(name)

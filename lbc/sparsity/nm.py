@@ -117,8 +117,12 @@ def candidate_sums(values: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
         return to_groups(values, pattern.m) @ candidate_matrix(pattern, values.device).to(values.dtype).T
     moved = values.movedim(1, -1) if values.dim() > 2 else values  # a view: input channels last
     columns = moved.unflatten(-1, (moved.shape[-1] // pattern.m, pattern.m)).unbind(-1)
+    subsets = itertools.combinations(range(pattern.m), pattern.n)
+    if torch.compiler.is_compiling():  # traced: no out= views; the compiler fuses the sums itself
+        sums = [sum(columns[i] for i in members[1:]) + columns[members[0]] for members in subsets]
+        return torch.stack(sums, -1).reshape(-1, pattern.num_candidates)
     out = values.new_empty(*columns[0].shape, pattern.num_candidates)
-    for j, members in enumerate(itertools.combinations(range(pattern.m), pattern.n)):
+    for j, members in enumerate(subsets):
         if len(members) == 1:
             out[..., j].copy_(columns[members[0]])
             continue

@@ -9,6 +9,12 @@ Where the authors' released code differs from the paper, the difference is an op
 ``score_init="released"`` (1 / C(M-1, N-1)), ``rounding="released"`` (floor instead of ceil in
 Eq. 6), ``exponent=4`` with ``t_f`` at 2/3 of the epochs (their DeiT recipe) and
 ``score_weight_decay`` (their code decays scores like weights: the default, None, does so too).
+``update_every="step"`` applies Eq. 6 at fractional epochs instead of once per epoch.
+
+Not taken from the released code: its per-iteration re-selection by signed-score top-k, in which
+a removed score is set to 0 and momentum can revive it; here removal is final (an ``alive`` set),
+as the paper says. Once one candidate is left in every group the scores stop training: they can
+no longer change the mask, so this only saves their gradient and optimizer work.
 """
 
 from __future__ import annotations

@@ -127,6 +127,10 @@ class SparsityMethod:
     ) -> None:
         from lbc.flops import layer_macs  # local: flops imports nothing from here, keeps import light
 
+        taken = next((n for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")), None)
+        if taken is not None:
+            raise ConfigError(f"layer {taken!r} already has a reparametrised weight (a sparsity method is "
+                              "attached): call .detach() on that method before attaching another")
         self.model = model
         self.pattern = parse_pattern(pattern)
         self.exclude = list(default_dense_layers(model) if exclude is None else exclude)

@@ -63,3 +63,14 @@ def test_float_view_follows_in_place_changes_and_copies():
     assert float_view(holder, "mask", torch.float32).tolist() == [1.0, 0.0, 1.0, 1.0]
     holder.load_state_dict({"mask": torch.tensor([True, True, False, False])})
     assert float_view(holder, "mask", torch.float64).tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_attaching_twice_is_refused_until_detached():
+    model = torchvision.models.resnet18()
+    sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_f=2)
+    with pytest.raises(ConfigError, match="already has a reparametrised weight") as err:
+        lbc.sparsify(model, method="srste", pattern="2:4")
+    assert "\n" not in str(err.value)
+    sp.detach()
+    again = lbc.sparsify(model, method="srste", pattern="2:4")
+    assert again.is_exact_nm()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lbc.errors import ConfigError
-from lbc.sparsity.base import SparsityMethod, default_dense_layers, float_view
+from lbc.sparsity.base import SparsityMethod, float_view, stem_and_classifier
 from lbc.sparsity.nm import NMPattern, parse_pattern
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.srste import topn_mask
@@ -59,16 +59,6 @@ class ASPParametrization(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _FixedMask.apply(weight, float_view(self, "mask", weight.dtype))
-
-
-def classifier_layers(model: nn.Module) -> list[str]:
-    """The classifier among the default dense layers: timm's ``pretrained_cfg['classifier']``, else the last Linear."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    value = cfg.get("classifier")
-    if value:
-        return [value] if isinstance(value, str) else list(value)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
 
 
 def load_init(model: nn.Module, path: str) -> None:
@@ -127,8 +117,7 @@ class ASP(SparsityMethod):
         self.dense_epochs, self.finetune_epochs = dense_epochs, finetune_epochs
         self.init_from, self.prune_classifier, self.apex_dims = init_from, prune_classifier, apex_dims
         if exclude is None and prune_classifier:
-            classifier = set(classifier_layers(model))
-            exclude = [n for n in default_dense_layers(model) if n not in classifier]
+            exclude = stem_and_classifier(model)[0]  # apex prunes the classifier too
         self.pruned = False
         self._apex_skipped: dict[str, str] = {}
         super().__init__(model, parse_pattern(pattern), exclude=exclude, **common)

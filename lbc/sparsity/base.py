@@ -30,28 +30,26 @@ log = logging.getLogger(__name__)
 _ORIGINAL = "parametrizations.weight.original"
 
 
-def default_dense_layers(model: nn.Module) -> list[str]:
-    """Layers kept dense by default (SPEC: stem and classifier; DeiT: patch embedding and head).
+def stem_and_classifier(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the model's stem and classifier layers (the paper keeps both dense).
 
     timm models name them in ``pretrained_cfg`` (``first_conv``, ``classifier``); otherwise the
-    first Conv2d/Linear in module order (the stem) and the last Linear (the classifier).
+    stem is the first Conv2d/Linear in module order and the classifier the last Linear.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names: list[str] = []
-    for key in ("first_conv", "classifier"):
-        value = cfg.get(key)
-        if value:
-            names.extend([value] if isinstance(value, str) else list(value))
-    if names:
-        return names
+    named = [[v] if isinstance(v, str) else list(v) if v else [] for v in (cfg.get("first_conv"), cfg.get("classifier"))]
+    if any(named):
+        return named[0], named[1]
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if not layers:
-        return []
-    names.append(layers[0][0])
+    stem = [layers[0][0]] if layers else []
     linears = [n for n, m in layers if isinstance(m, nn.Linear)]
-    if linears and linears[-1] != names[0]:
-        names.append(linears[-1])
-    return names
+    return stem, [n for n in linears[-1:] if n not in stem]
+
+
+def default_dense_layers(model: nn.Module) -> list[str]:
+    """Layers kept dense by default (SPEC: stem and classifier; DeiT: patch embedding and head)."""
+    stem, classifier = stem_and_classifier(model)
+    return stem + classifier
 
 
 def _matches(name: str, patterns: Iterable[str]) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lbc.errors import ConfigError
+from lbc.io import read_pt
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,13 +58,5 @@ def copy(src: str | Path, dst: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU; a ConfigError naming ``trainer.resume`` if it is not there."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"trainer.resume={str(path)!r}: no such checkpoint file")
-    # The checkpoint holds numpy/python RNG states and the config, so it is not weights-only.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"trainer.resume={str(path)!r} is not a readable checkpoint: {first}") from None
+    """Read a checkpoint onto the CPU; a one-line ConfigError naming ``trainer.resume`` if it can't be."""
+    return read_pt(path, "trainer.resume")

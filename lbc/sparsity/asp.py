@@ -20,14 +20,13 @@ apex monkey-patches ``optimizer.step``; we do not: the masked backward lives in 
 from __future__ import annotations
 
 import logging
-import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lbc.errors import ConfigError
+from lbc.io import read_pt
 from lbc.sparsity.base import SparsityMethod, float_view, stem_and_classifier
 from lbc.sparsity.nm import NMPattern, parse_pattern
 from lbc.sparsity.registry import METHODS
@@ -63,14 +62,7 @@ class ASPParametrization(nn.Module):
 
 def load_init(model: nn.Module, path: str) -> None:
     """Load a dense checkpoint (``{"model": state_dict}`` or a plain state dict) into ``model``."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"sparsity.init_from={path!r}: no such file (a .pt checkpoint of a dense run)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"sparsity.init_from={path!r} is not a readable checkpoint: {first}") from None
+    state = read_pt(path, "sparsity.init_from")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

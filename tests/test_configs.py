@@ -11,7 +11,7 @@ from lbc.config import div, mul, validate
 from lbc.engine.optim import build_optimizer, build_scheduler, weight_decay_groups
 from lbc.errors import ConfigError
 from lbc.models import build_model
-from tests.conftest import CONFIGS, compose_config
+from tests.helpers import CONFIGS, compose_config
 
 GROUPS = ("model", "data", "sparsity", "optim", "schedule", "trainer")
 

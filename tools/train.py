@@ -22,7 +22,7 @@ from lbc.engine import distributed  # noqa: E402
 from lbc.engine.trainer import run  # noqa: E402
 from lbc.errors import ConfigError, DataError  # noqa: E402
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIGS = str(Path(__file__).resolve().parents[1] / "lbc" / "configs")
 
 
 @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lbc.data import build_datasets, build_loader, build_mixup
-from tests.conftest import CONFIGS, compose_config
+from tests.helpers import CONFIGS, compose_config
 from tests.data.test_folder import make_tree
 
 OPTIONS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))

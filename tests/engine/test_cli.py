@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, TINY
+from tests.helpers import PYTHON, ROOT, TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from lbc.errors import ConfigError
 from lbc.models import MODELS, build_model
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 INPUT = {"resnet_small": (8, 32), "resnet18": (2, 64), "resnet50": (2, 64), "deit_small_patch16_224": (2, 224)}
 

@@ -1,0 +1,31 @@
+"""Shared test helpers: compose the Hydra config the way ``lbc-train`` does; tiny overrides for instant runs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import lbc.config  # noqa: F401  (registers the resolvers and the structured configs)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "lbc" / "configs"
+PYTHON = sys.executable
+
+# A few steps of digits on resnet_small: seconds, not minutes.
+TINY = [
+    "trainer=smoke",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0",
+    "data.loader.batch_size=16",
+    "data.loader.workers=0",
+]
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """The composed config for ``overrides``, as ``lbc-train`` would get it (without the hydra node)."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

@@ -1,61 +1,77 @@
-"""ImageNet-layout folders ``root/<split>/<class>/<image>``; unreadable images become None, never a crash."""
+"""ImageNet-layout folders ``root/<split>/<class>/<image>``, read with timm's folder reader and ImageDataset.
+
+timm finds the images and their classes (``ReaderImageFolder``: a recursive walk, a class is the leaf
+folder holding images, classes in natural sort order, samples sorted by path). What we add on top:
+one-line DataErrors for a missing root/split or an empty one, val labels that index the *train*
+classes (val classes must be among them), and an unreadable image gives None instead of timm's
+silent retry of the next index, so the loader can count it as skipped and no image is seen twice.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset
+from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from lbc.data.base import Datasets, check_declared
-from lbc.data.transforms import train_transform, val_transform
+from lbc.data.transforms import RATIO, SCALE, train_transform, val_transform
 from lbc.errors import DataError
 
 log = logging.getLogger(__name__)
 
+# timm's default is .png/.jpg/.jpeg only; its reader takes the list as ``input_key`` ("a;b;c").
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def scan_split(split_dir: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
-    """Sorted class folders of ``split_dir`` and its (path, label) samples; labels index ``classes`` if given."""
+def read_split(split_dir: Path, classes: Sequence[str] | None = None) -> ReaderImageFolder:
+    """timm's folder reader for ``split_dir``; with ``classes`` (the train classes) its labels index those."""
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: missing; expected a folder with one sub-folder of images per class")
-    found = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    if classes is None:
-        classes = found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise DataError(f"{split_dir}: class folders {unknown[:5]} ({len(unknown)} in all) are not among the train classes")
-    index = {c: i for i, c in enumerate(classes)}
-    samples = []
-    for c in found:
-        files = sorted(e.name for e in os.scandir(split_dir / c) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        samples += [(str(split_dir / c / f), index[c]) for f in files]
-    if not samples:
-        raise DataError(f"{split_dir}: no images; expected <class>/<image>{'|'.join(IMAGE_EXTENSIONS)}")
-    return list(classes), samples
+    try:
+        reader = ReaderImageFolder(str(split_dir), input_key=";".join(IMAGE_EXTENSIONS))
+    except RuntimeError:  # timm: "Found 0 images in subfolders of ..."
+        raise DataError(f"{split_dir}: no images; expected <class>/<image>{'|'.join(IMAGE_EXTENSIONS)}") from None
+    if "" in reader.class_to_idx:
+        raise DataError(f"{split_dir}: holds images outside class folders; expected <class>/<image>")
+    if classes is not None:
+        unknown = sorted(set(reader.class_to_idx) - set(classes))
+        if unknown:
+            raise DataError(f"{split_dir}: class folders {unknown[:5]} ({len(unknown)} in all) are not among the train classes")
+        index = {c: i for i, c in enumerate(classes)}
+        to_train = {i: index[c] for c, i in reader.class_to_idx.items()}
+        reader.samples = [(path, to_train[label]) for path, label in reader.samples]
+        reader.class_to_idx = index
+    return reader
 
 
-class ImageFiles(Dataset):
-    """(path, label) samples read with PIL as RGB; an image that fails to open or decode gives None (one warning)."""
+class ImageFiles(ImageDataset):
+    """timm's ImageDataset, except that an image that fails to open or decode gives None (one warning).
 
-    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform: Callable | None = None) -> None:
-        self.samples, self.classes, self.transform = samples, classes, transform
+    timm retries the next index instead, which shows that image twice and hides the failure from any
+    count; None lets the loader's collate drop it and count it (``EpochLoader.skipped``).
+    """
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def __init__(self, reader: ReaderImageFolder, transform: Callable | None = None) -> None:
+        super().__init__(reader.root, reader=reader, transform=transform)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order."""
+        return sorted(self.reader.class_to_idx, key=self.reader.class_to_idx.get)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
-        path, label = self.samples[index]
         try:
-            with Image.open(path) as f:
-                image = f.convert("RGB")  # forces the full decode inside the try
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            log.warning("skipping unreadable image %s: %s", path, e)
+            file, label = self.reader[index]
+            with file, Image.open(file) as f:
+                image = f.convert(self.input_img_mode)  # forces the full decode inside the try
+        except UNREADABLE as e:
+            log.warning("skipping unreadable image %s: %s", self.reader.filename(index, absolute=True), e)
             return None
         return (self.transform(image) if self.transform else image), label
 
@@ -68,19 +84,32 @@ def build_folder(
     interpolation: str = "bilinear",
     rand_augment: str | None = None,
     reprob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    scale: Sequence[float] = SCALE,
+    ratio: Sequence[float] = RATIO,
+    hflip: float = 0.5,
+    color_jitter: float | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     num_classes: int | None = None,
     input_size: Sequence[int] | None = None,
 ) -> Datasets:
-    """Train and val from ``root/<train_split>`` and ``root/<val_split>``; classes are the sorted train folders."""
+    """Train and val from ``root/<train_split>`` and ``root/<val_split>``; classes are the train classes.
+
+    The image options are ``timm.data.create_transform``'s (``rand_augment`` is its ``auto_augment``,
+    ``reprob`` its ``re_prob``); see ``lbc.data.transforms``.
+    """
+    train_tf = train_transform(
+        image_size, interpolation, rand_augment, reprob, re_mode=re_mode, re_count=re_count, scale=scale,
+        ratio=ratio, hflip=hflip, color_jitter=color_jitter, mean=mean, std=std,
+    )  # fmt: skip
+    val_tf = val_transform(image_size, interpolation, crop_pct, mean, std)  # config errors before a long scan
     root_dir = Path(root).expanduser()
     if not root_dir.is_dir():
         raise DataError(f"data.root={root}: no such folder; expected {root}/{train_split}/<class>/<image>")
-    classes, train = scan_split(root_dir / train_split)
-    _, val = scan_split(root_dir / val_split, classes)
-    found = Datasets(
-        train=ImageFiles(train, classes, train_transform(image_size, interpolation, rand_augment, reprob)),
-        val=ImageFiles(val, classes, val_transform(image_size, interpolation)),
-        num_classes=len(classes),
-        input_size=(3, image_size, image_size),
-    )
+    train = ImageFiles(read_split(root_dir / train_split), train_tf)
+    val = ImageFiles(read_split(root_dir / val_split, train.classes), val_tf)
+    found = Datasets(train=train, val=val, num_classes=len(train.classes), input_size=(3, image_size, image_size))
     return check_declared(found, num_classes, input_size, str(root_dir / train_split))

@@ -1,10 +1,15 @@
-"""A DataLoader whose order and augmentation randomness are pure functions of (seed, epoch[, rank])."""
+"""A DataLoader whose order and augmentation randomness are pure functions of (seed, epoch[, rank]).
+
+It is also the one place that counts unreadable images: ``collate`` (in the worker processes, if any)
+drops the None items and says how many with the batch; the loader's iterator adds them up in
+``loader.skipped`` and never yields an empty batch.
+"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sized
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,10 +24,20 @@ def epoch_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def collate(batch: list[Any]) -> Any:
-    """default_collate without the None items that unreadable images give; None if nothing is left."""
-    batch = [item for item in batch if item is not None]
-    return default_collate(batch) if batch else None
+class Collated(NamedTuple):
+    """A collated batch (None if every item was unreadable) and how many items were dropped as unreadable."""
+
+    batch: Any
+    skipped: int
+
+
+def collate(items: list[Any]) -> Collated:
+    """default_collate of the items that are not None (unreadable images give None), and their shortfall.
+
+    The count travels with the batch because with workers this runs in another process.
+    """
+    kept = [item for item in items if item is not None]
+    return Collated(default_collate(kept) if kept else None, len(items) - len(kept))
 
 
 class EpochSampler(Sampler[int]):
@@ -50,11 +65,13 @@ class EpochLoader(DataLoader):
     With workers, each worker seeds torch/random/numpy from ``self.generator`` (seeded per epoch and
     rank) as PyTorch does; without workers the items are made under a private RNG state seeded the
     same way, so augmentation neither depends on nor disturbs the global RNG (the model's dropout).
+    Batches go through ``collate``; iterating yields only non-empty batches and counts the unreadable
+    images of the epoch being (or last) iterated in ``skipped``, up to the last batch taken.
     """
 
     def __init__(self, dataset: Dataset, *, seed: int, epoch: int, rank: int, **kwargs: Any) -> None:
-        super().__init__(dataset, generator=torch.Generator(), **kwargs)
-        self.seed, self.rank = seed, rank
+        super().__init__(dataset, generator=torch.Generator(), collate_fn=collate, **kwargs)
+        self.seed, self.rank, self.skipped = seed, rank, 0
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -64,17 +81,19 @@ class EpochLoader(DataLoader):
         else:  # DistributedSampler (built with seed=0) and RepeatAugSampler seed their order from this alone
             self.sampler.set_epoch(epoch_seed(self.seed, epoch))
 
-    @property
-    def num_samples(self) -> int:
-        """Samples one epoch yields when no image is skipped: seen fewer means that many were unreadable."""
-        n = len(self.sampler)  # type: ignore[arg-type]
-        return n - n % self.batch_size if self.drop_last else n  # type: ignore[operator]
-
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         seed = epoch_seed(self.seed, self.epoch, self.rank, 1)
         self.generator.manual_seed(seed)  # workers' seeds are drawn from it when the iterator starts
         it = super().__iter__()
-        return it if self.num_workers > 0 else _private_rng(it, seed)
+        self.skipped = 0
+        return self._count_skipped(it if self.num_workers > 0 else _private_rng(it, seed))
+
+    def _count_skipped(self, it: Iterator[Collated]) -> Iterator[Any]:
+        """Yield the batches of ``it``, adding each one's unreadable images to ``self.skipped``."""
+        for batch, skipped in it:
+            self.skipped += skipped
+            if batch is not None:
+                yield batch
 
 
 def _swap_rng(state: tuple) -> tuple:
@@ -116,7 +135,8 @@ def build_loader(
 
     train shuffles (and by default drops the last partial batch); ``distributed`` shards by rank with
     DistributedSampler (val is padded to equal shards, as torch does); ``repeated_aug`` > 0 uses timm's
-    RepeatAugSampler with that many repeats (DeiT uses 3; train only). Batches go through ``collate``.
+    RepeatAugSampler with that many repeats (DeiT uses 3; train only). Unreadable images are dropped
+    and counted in ``loader.skipped``.
     """
     rank = dist.get_rank() if distributed else 0
     sampler: Sampler[int]
@@ -135,7 +155,6 @@ def build_loader(
         sampler=sampler,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate,
         drop_last=train if drop_last is None else drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,  # fresh workers each epoch: their seeds follow the epoch

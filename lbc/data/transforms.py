@@ -1,28 +1,29 @@
-"""Image recipes for folder data sets (torchvision v2, timm's RandAugment/RandomErasing) and batch mixup."""
+"""Image recipes for folder data sets (timm's ``create_transform``, as DeiT uses it) and batch mixup.
+
+The recipes are timm's, not a copy of them: ``train_transform`` and ``val_transform`` pass our config
+keys straight to ``timm.data.create_transform``, so the DeiT preset is DeiT's own
+``create_transform(is_training=True, ...)`` call and the val recipe is timm's eval transform.
+"""
 
 from __future__ import annotations
 
-import torch
-from timm.data import Mixup
-from timm.data.auto_augment import rand_augment_transform
-from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import str_to_pil_interp
+from collections.abc import Callable, Sequence
+
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch import Tensor
-from torchvision.transforms import InterpolationMode, v2
 
 from lbc.errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_PCT = 0.875  # val: resize to image_size / 0.875, centre-crop image_size
+# timm's names (timm.data.transforms.str_to_interp_mode); "random" picks bilinear or bicubic per image (train).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+SCALE = (0.08, 1.0)  # timm's RandomResizedCrop defaults
+RATIO = (3 / 4, 4 / 3)
 
 
-def _interpolation(name: str) -> InterpolationMode:
-    try:
-        return InterpolationMode(name)
-    except ValueError:
-        allowed = ", ".join(m.value for m in InterpolationMode)
-        raise ConfigError(f"data.interpolation={name!r} is not known; choose from: {allowed}") from None
+def _check_interpolation(name: str) -> str:
+    if name not in INTERPOLATIONS:
+        raise ConfigError(f"data.interpolation={name!r} is not known; choose from: {', '.join(INTERPOLATIONS)}")
+    return name
 
 
 def train_transform(
@@ -30,34 +31,59 @@ def train_transform(
     interpolation: str = "bilinear",
     rand_augment: str | None = None,
     reprob: float = 0.0,
-) -> v2.Compose:
-    """RandomResizedCrop + flip (the standard recipe); DeiT adds ``rand_augment`` (timm string) and ``reprob``."""
-    steps = [
-        v2.RandomResizedCrop(image_size, interpolation=_interpolation(interpolation), antialias=True),
-        v2.RandomHorizontalFlip(),
-    ]
-    if rand_augment:
-        hparams = dict(
-            translate_const=int(image_size * 0.45),
-            img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN),
-            interpolation=str_to_pil_interp(interpolation),
+    *,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    scale: Sequence[float] = SCALE,
+    ratio: Sequence[float] = RATIO,
+    hflip: float = 0.5,
+    color_jitter: float | None = None,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable:
+    """timm's train recipe: RandomResizedCrop, flip, then RandAugment (``rand_augment``) or colour jitter,
+    normalise, random erasing (``reprob``). timm turns colour jitter off whenever ``rand_augment`` is set.
+    """
+    try:
+        return create_transform(
+            input_size=image_size,
+            is_training=True,
+            interpolation=_check_interpolation(interpolation),
+            auto_augment=rand_augment or None,
+            re_prob=reprob,
+            re_mode=re_mode,
+            re_count=re_count,
+            scale=tuple(scale),
+            ratio=tuple(ratio),
+            hflip=hflip,
+            color_jitter=color_jitter,
+            mean=tuple(mean),
+            std=tuple(std),
         )
-        steps.append(rand_augment_transform(rand_augment, hparams))  # on PIL images, as timm does
-    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if reprob > 0:
-        steps.append(RandomErasing(reprob, mode="pixel", device="cpu"))
-    return v2.Compose(steps)
+    except (AssertionError, KeyError, ValueError) as e:  # timm's parsers assert on a bad augment string
+        raise ConfigError(
+            f"data.rand_augment={rand_augment!r} (or re_mode/color_jitter) is not accepted by "
+            f"timm.data.create_transform: {e or type(e).__name__}; e.g. rand-m9-mstd0.5-inc1"
+        ) from None
 
 
-def val_transform(image_size: int, interpolation: str = "bilinear") -> v2.Compose:
-    """Resize the short side to ``int(image_size / 0.875)``, centre-crop ``image_size``, normalise."""
-    return v2.Compose([
-        v2.Resize(int(image_size / CROP_PCT), interpolation=_interpolation(interpolation), antialias=True),
-        v2.CenterCrop(image_size),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def val_transform(
+    image_size: int,
+    interpolation: str = "bilinear",
+    crop_pct: float = DEFAULT_CROP_PCT,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Callable:
+    """timm's eval recipe: resize the short side to ``floor(image_size / crop_pct)``, centre-crop, normalise."""
+    interpolation = _check_interpolation(interpolation)
+    return create_transform(
+        input_size=image_size,
+        is_training=False,
+        interpolation="bilinear" if interpolation == "random" else interpolation,
+        crop_pct=crop_pct,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
 
 
 class EvenMixup(Mixup):

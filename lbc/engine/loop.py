@@ -22,14 +22,6 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device_type="cuda", dtype=amp_dtype)
 
 
-def expected_batch(loader: Any, index: int) -> int:
-    """How many images batch ``index`` would hold if none were unreadable (the collate drops those)."""
-    batch_size = loader.batch_size
-    if getattr(loader, "drop_last", False) or batch_size is None:
-        return batch_size or 0
-    return max(0, min(batch_size, len(loader.sampler) - index * batch_size))
-
-
 def train_one_epoch(
     replica: distributed.Replica,
     loader: Any,
@@ -55,14 +47,10 @@ def train_one_epoch(
     """Train ``steps`` steps of epoch ``epoch`` (0-based); returns mean loss, last lr, skipped images."""
     replica.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen = expected = 0
+    seen = 0
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True, leave=False)
     for i, batch in enumerate(itertools.islice(loader, steps)):
         step = epoch * steps + i
-        expected += expected_batch(loader, i)
-        if batch is None:  # every image of the batch was unreadable
-            bar.update(1)
-            continue
         images, targets = batch
         seen += len(targets)
         sparsity.update(epoch + i / steps)  # may freeze parameters: rewrap DDP if so
@@ -100,11 +88,11 @@ def train_one_epoch(
             if log_step is not None:
                 log_step({"loss": value, "lr": lr}, step + 1)
     bar.close()
-    total_loss, seen, expected = distributed.all_reduce_sum([loss_sum.item(), seen, expected], device)
+    total_loss, seen, skipped = distributed.all_reduce_sum([loss_sum.item(), seen, loader.skipped], device)
     return {
         "train_loss": total_loss / max(seen, 1),
         "lr": optimizer.param_groups[0]["lr"],
-        "train_skipped": int(expected - seen),
+        "train_skipped": int(skipped),  # unreadable images, counted by the loader
     }
 
 
@@ -120,11 +108,8 @@ def evaluate(
     """Top-1 / top-5 accuracy (%) and mean loss over the (sharded, then summed) validation set."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss = correct1 = correct5 = seen = expected = 0.0
-    for i, batch in enumerate(itertools.islice(loader, max_steps)):
-        expected += expected_batch(loader, i)
-        if batch is None:
-            continue
+    loss = correct1 = correct5 = seen = 0.0
+    for batch in itertools.islice(loader, max_steps):
         images, targets = batch
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
@@ -137,13 +122,13 @@ def evaluate(
         correct1 += hits[:, :1].sum().item()
         correct5 += hits.sum().item()
         seen += len(targets)
-    loss, correct1, correct5, seen, expected = distributed.all_reduce_sum(
-        [loss, correct1, correct5, seen, expected], device
+    loss, correct1, correct5, seen, skipped = distributed.all_reduce_sum(
+        [loss, correct1, correct5, seen, loader.skipped], device
     )
     n = max(seen, 1)
     return {
         "val_loss": loss / n,
         "top1": 100.0 * correct1 / n,
         "top5": 100.0 * correct5 / n,
-        "val_skipped": int(expected - seen),
+        "val_skipped": int(skipped),  # unreadable images, counted by the loader
     }

@@ -6,8 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lbc.data import build_datasets, build_loader, build_mixup
-from tests.helpers import CONFIGS, compose_config
 from tests.data.test_folder import make_tree
+from tests.helpers import CONFIGS, compose_config
 
 OPTIONS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
 

@@ -1,4 +1,5 @@
-"""Folder data sets: every good image is seen once per epoch with its class, a corrupt one is skipped."""
+"""Folder data sets (timm's reader): every good image is seen once per epoch with its class; a corrupt one is
+skipped and counted once, by the loader, with or without workers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from lbc.data import build_datasets, build_loader, build_mixup
+from lbc.engine.loop import evaluate
 from lbc.errors import ConfigError, DataError
 
 CLASSES = ["ant", "bee", "cat"]
@@ -36,11 +38,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def _epoch(loader):
-    images, labels = [], []
-    for batch in loader:
-        if batch is not None:
-            images.append(batch[0])
-            labels.append(batch[1])
+    images, labels = zip(*loader, strict=True)  # the loader never yields an empty batch (None)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -51,32 +49,49 @@ def test_full_epoch_sees_every_good_image_and_skips_the_corrupt_one(tree, caplog
     train = build_loader(ds.train, batch_size=4, train=True, workers=0, seed=0, drop_last=False)
     with caplog.at_level(logging.WARNING, logger="lbc.data.folder"):
         images, labels = _epoch(train)
-    assert train.num_samples == 10 and len(labels) == 9  # one skipped
+    assert train.skipped == 1 and len(labels) == 9  # one skipped
     assert sum("x.JPEG" in r.getMessage() for r in caplog.records) == 1
     assert sorted(labels.tolist()) == [0] * 3 + [1] * 4 + [2] * 2
     assert images.shape[1:] == (3, 16, 16)
 
     val = build_loader(ds.val, batch_size=2, train=False, workers=0, seed=0)
     images, labels = _epoch(val)
-    assert val.num_samples == len(labels) == 3 and labels.tolist() == [0, 2, 2]
+    assert val.skipped == 0 and len(labels) == 3 and labels.tolist() == [0, 2, 2]
     # Labels follow the pixels: un-normalise the centre pixel's red channel back to the grey level.
     grey = (images[:, 0, 8, 8] * 0.229 + 0.485) * 255
     assert torch.allclose(grey, 40.0 * (labels + 1).float(), atol=2)
 
 
-def test_workers_skip_the_corrupt_image_too(tree):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_corrupt_image_is_counted_once_per_epoch(tree, workers):
     ds = build_datasets("folder", root=str(tree), image_size=16)
-    loader = build_loader(ds.train, batch_size=3, train=True, workers=2, seed=1, drop_last=False)
-    assert len(_epoch(loader)[1]) == 9
+    loader = build_loader(ds.train, batch_size=3, train=True, workers=workers, seed=1, drop_last=False)
+    for epoch in range(2):  # the count is per epoch, not a running total
+        loader.set_epoch(epoch)
+        assert len(_epoch(loader)[1]) == 9 and loader.skipped == 1
 
 
-def test_a_batch_of_only_corrupt_images_is_none(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_reports_the_loaders_count_once(tmp_path, workers):
+    make_tree(tmp_path, {"ant": 2, "bee": 2}, "train")
+    make_tree(tmp_path, {"ant": 2, "bee": 3}, "val")
+    (tmp_path / "val" / "bee" / "bad.png").write_bytes(b"\x89PNG garbage")
+    ds = build_datasets("folder", root=str(tmp_path), image_size=8)
+    val = build_loader(ds.val, batch_size=2, train=False, workers=workers, seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    stats = evaluate(model, val, torch.device("cpu"))
+    assert stats["val_skipped"] == 1 == val.skipped
+
+
+def test_a_batch_of_only_corrupt_images_is_not_yielded(tmp_path):
     make_tree(tmp_path, {"ant": 1}, "train")
     make_tree(tmp_path, {"ant": 1}, "val")
     (tmp_path / "train" / "ant" / "bad.png").write_bytes(b"\x89PNG garbage")
     ds = build_datasets("folder", root=str(tmp_path), image_size=8)
-    batches = list(build_loader(ds.train, batch_size=1, train=False, workers=0, seed=0))
-    assert sum(b is None for b in batches) == 1 and len(batches) == 2
+    assert ds.train[1] is None  # not timm's retry of the next image, which would show 0.JPEG twice
+    loader = build_loader(ds.train, batch_size=1, train=False, workers=0, seed=0)
+    batches = list(loader)
+    assert len(loader) == 2 and len(batches) == 1 and loader.skipped == 1
 
 
 def test_deit_recipe_transforms_and_mixup(tree):
@@ -106,10 +121,25 @@ def test_missing_or_empty_split_is_a_data_error(tmp_path):
         build_datasets("folder", root=str(tmp_path))
 
 
+def test_images_outside_class_folders_are_a_data_error(tree):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / "train" / "stray.png")
+    with pytest.raises(DataError, match=r"train: holds images outside class folders"):
+        build_datasets("folder", root=str(tree))
+
+
+def test_val_labels_index_the_train_classes(tmp_path):
+    make_tree(tmp_path, {"ant": 1, "bee": 1, "cat": 1}, "train")
+    make_tree(tmp_path, {"cat": 2}, "val")  # on its own, val would call cat class 0
+    ds = build_datasets("folder", root=str(tmp_path), image_size=8)
+    assert [label for _, label in ds.val.reader.samples] == [2, 2] and ds.val.classes == CLASSES
+
+
 def test_val_class_unknown_to_train_is_a_data_error(tree):
     make_tree(tree, {"bee": 1}, "extra")
-    (tree / "extra" / "dog").mkdir()
-    with pytest.raises(DataError, match="dog"):
+    (tree / "extra" / "dog").mkdir()  # empty: not a class (timm's reader), so no error yet
+    assert build_datasets("folder", root=str(tree), val_split="extra").val.classes == CLASSES
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / "extra" / "dog" / "0.png")
+    with pytest.raises(DataError, match=r"extra: class folders \['dog'\] \(1 in all\) are not among the train classes"):
         build_datasets("folder", root=str(tree), val_split="extra")
 
 
@@ -118,3 +148,5 @@ def test_wrong_num_classes_and_interpolation_are_config_errors(tree):
         build_datasets("folder", root=str(tree), num_classes=1000)
     with pytest.raises(ConfigError, match="data.interpolation='cubicle'"):
         build_datasets("folder", root=str(tree), interpolation="cubicle")
+    with pytest.raises(ConfigError, match="data.rand_augment='rand-x9'"):
+        build_datasets("folder", root=str(tree), rand_augment="rand-x9")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -51,12 +52,12 @@ def test_seed_changes_the_order_and_val_is_in_order():
     assert a != b
     val = build_loader(Noisy(), batch_size=8, train=False, workers=0, seed=0)
     assert [y.tolist() for _, y in val] == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
-    assert val.num_samples == 20 and not val.drop_last
+    assert val.skipped == 0 and not val.drop_last
 
 
 def test_train_drops_the_last_partial_batch_by_default():
     loader = build_loader(Noisy(), batch_size=8, train=True, workers=0, seed=0)
-    assert [len(y) for _, y in loader] == [8, 8] and loader.num_samples == 16
+    assert [len(y) for _, y in loader] == [8, 8] and len(loader) == 2
 
 
 def test_loading_leaves_the_global_rng_alone_without_workers():
@@ -78,10 +79,35 @@ def test_repeated_aug_repeats_each_sample():
     assert next(iter(again))[1].tolist() == labels
 
 
-def test_collate_drops_none_items():
-    x, y = collate([None, (torch.zeros(2), 1), None, (torch.ones(2), 2)])
-    assert x.shape == (2, 2) and y.tolist() == [1, 2]
-    assert collate([None, None]) is None
+def test_collate_drops_none_items_and_counts_them():
+    (x, y), skipped = collate([None, (torch.zeros(2), 1), None, (torch.ones(2), 2)])
+    assert x.shape == (2, 2) and y.tolist() == [1, 2] and skipped == 2
+    assert collate([None, None]) == (None, 2)
+
+
+class Holes(Noisy):
+    """Noisy, but items 4-7 (one whole batch of 4 in order) and 13 are unreadable (None)."""
+
+    def __getitem__(self, i: int):
+        return None if 4 <= i < 8 or i == 13 else super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_drops_and_counts_unreadable_items(workers):
+    val = build_loader(Holes(), batch_size=4, train=False, workers=workers, seed=0)
+    labels = [y.tolist() for _, y in val]
+    assert labels == [[0, 1, 2, 3], [8, 9, 10, 11], [12, 14, 15], [16, 17, 18, 19]]  # no empty batch
+    assert val.skipped == 5
+    assert len(list(itertools.islice(val, 2))) == 2 and val.skipped == 4  # only what was taken, reset per pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipping_keeps_batches_a_function_of_seed_and_epoch(workers):
+    a = build_loader(Holes(), batch_size=4, train=True, workers=workers, seed=3, epoch=2)
+    b = build_loader(Holes(), batch_size=4, train=True, workers=workers, seed=3, epoch=2)
+    first = _epoch(a)
+    assert _same(first, _epoch(b)) and _same(first, _epoch(a)) and a.skipped == b.skipped
+    assert sum(len(y) for _, y in first) + a.skipped == 20  # drop_last: 20 % 4 == 0, nothing else lost
 
 
 def test_epoch_seed_does_not_collide_like_seed_plus_epoch():

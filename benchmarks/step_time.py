@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lbc  # noqa: E402
-from lbc.engine.optim import build_optimizer, weight_decay_groups  # noqa: E402
-from lbc.sparsity import METHODS  # noqa: E402
+import lbc
+from lbc.engine.optim import build_optimizer, weight_decay_groups
+from lbc.sparsity import METHODS
 
 # name -> (sparsify options, epoch to put the method at before timing)
 VARIANTS: dict[str, tuple[dict, float]] = {

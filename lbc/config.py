@@ -1,26 +1,322 @@
-"""Validation of the composed training config, and the OmegaConf resolvers the configs use.
+"""The training config's schemas (Hydra structured configs), its checks, and the resolvers it uses.
 
-Importing this module registers ``${div:a,b}`` and ``${mul:a,b}`` (numeric), so that e.g. a
-sparsity config can say ``t_f: ${div:${schedule.epochs},2}``.
+Every group option (``lbc/configs/<group>/<option>.yaml``) extends a dataclass stored here in
+Hydra's ConfigStore as ``<group>/base_<option>``: OmegaConf then refuses an unknown key or a value
+of the wrong type while composing, and the dataclass's ``__post_init__`` checks ranges when
+:func:`validate` builds the typed objects. Each key therefore lives in its dataclass (name, type,
+default, allowed range) and its YAML (the value this option sets); the code reads it.
+
+Errors, whichever layer finds them, become one line naming the key and what is allowed
+(:func:`one_line`). Importing this module registers the numeric resolvers ``${div:a,b}``,
+``${mul:a,b}`` and ``${sub:a,b}`` and the schemas.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from lbc.errors import ConfigError
+from lbc.sparsity.options import OPTIONS as SPARSITY_OPTIONS
+from lbc.sparsity.options import is_number, require
 
-__all__ = ["div", "mul", "register_resolvers", "validate"]
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine",)
-AMP_DTYPES = ("bf16", "fp16")
+__all__ = ["SCHEMAS", "div", "mul", "one_line", "register_resolvers", "register_schemas", "sub", "validate"]
 
 
+# --- optim ------------------------------------------------------------------------------------
+@dataclass
+class SGDConfig:
+    """SGD with momentum; weight decay skips norm layers and biases (lbc.engine.optim)."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        require(self.name == "sgd", "optim.name", self.name, "this schema is SGD's; pick another with optim=<option>")
+        require(is_number(self.lr) and self.lr > 0, "optim.lr", self.lr, "use a positive number")
+        require(is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", self.momentum,
+                "use 0 <= momentum < 1")
+        require(not self.nesterov or self.momentum > 0, "optim.nesterov", self.nesterov, "it needs optim.momentum > 0")
+        require(is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
+                "use a number >= 0")
+
+
+@dataclass
+class AdamWConfig:
+    """AdamW (DeiT recipe values); weight decay skips norm layers and biases (lbc.engine.optim)."""
+
+    name: str = "adamw"
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+
+    def __post_init__(self) -> None:
+        require(self.name == "adamw", "optim.name", self.name, "this schema is AdamW's; pick another with optim=<option>")
+        require(is_number(self.lr) and self.lr > 0, "optim.lr", self.lr, "use a positive number")
+        require(len(self.betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in self.betas), "optim.betas",
+                list(self.betas), "use two numbers in [0, 1)")
+        require(is_number(self.eps) and self.eps > 0, "optim.eps", self.eps, "use a positive number")
+        require(is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", self.weight_decay,
+                "use a number >= 0")
+
+
+# --- schedule ---------------------------------------------------------------------------------
+@dataclass
+class CosineConfig:
+    """Cosine decay of optim.lr to min_lr with a linear warm-up from warmup_lr, updated every step."""
+
+    name: str = "cosine"
+    epochs: int = 15
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "schedule.epochs", self.epochs, "use a positive integer")
+        require(is_number(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs, "schedule.warmup_epochs",
+                self.warmup_epochs, f"use 0 <= warmup_epochs < schedule.epochs={self.epochs}")
+        for key in ("warmup_lr", "min_lr"):
+            value = getattr(self, key)
+            require(is_number(value) and value >= 0, f"schedule.{key}", value, "use a number >= 0")
+
+
+# --- trainer ----------------------------------------------------------------------------------
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass
+class TrainerConfig:
+    """How the loop runs (lbc.engine): device, precision, logging and checkpoint cadence, resume."""
+
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    amp: str | None = None  # null | bf16 | fp16 (autocast on CUDA only; fp16 adds a GradScaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    ema: bool = False  # keep a timm ModelEmaV3 copy and evaluate it too
+    ema_decay: float = 0.99996
+    clip_grad: float | None = None  # max gradient norm, or null
+    log_interval: int = 10  # steps between TensorBoard train scalars / progress-bar updates
+    ckpt_interval: int = 1  # epochs between writes of last.pt (always written after the last epoch)
+    max_steps_per_epoch: int | None = None  # cut each training epoch short (smoke runs)
+    max_eval_steps: int | None = None  # cut evaluation short
+    progress: bool = True  # tqdm bars and per-epoch lines on rank 0
+    resume: str | None = None  # checkpoint path; null = <run_dir>/last.pt if it exists
+    init_from: str | None = None  # start from these model weights (e.g. a dense run for ASP)
+    find_unused_parameters: bool = False  # passed to DistributedDataParallel
+
+    def __post_init__(self) -> None:
+        require(bool(_DEVICE.fullmatch(self.device)), "trainer.device", self.device,
+                "choose from: auto, cpu, cuda, cuda:N")
+        require(self.amp in (None, "bf16", "fp16"), "trainer.amp", self.amp, "choose from: bf16, fp16, null")
+        require(is_number(self.ema_decay) and 0 < self.ema_decay < 1, "trainer.ema_decay", self.ema_decay,
+                "use 0 < decay < 1")
+        require(self.clip_grad is None or is_number(self.clip_grad) and self.clip_grad > 0, "trainer.clip_grad",
+                self.clip_grad, "use a positive number or null")
+        for key in ("log_interval", "ckpt_interval", "max_steps_per_epoch", "max_eval_steps"):
+            value = getattr(self, key)
+            optional = key.startswith("max_")
+            require(value is None and optional or value is not None and value >= 1, f"trainer.{key}", value,
+                    "use a positive integer" + (" or null" if optional else ""))
+
+
+# --- data -------------------------------------------------------------------------------------
+@dataclass
+class LoaderConfig:
+    """-> lbc.data.build_loader: per-process batch size, worker processes, timm repeated augmentation."""
+
+    batch_size: int = 64  # per process
+    workers: int = 0
+    repeated_aug: int = 0  # timm RepeatAugSampler repeats (DeiT: 3); 0 = off
+    drop_last: bool | None = None  # null: drop the last partial batch when training
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "data.loader.batch_size", self.batch_size, "use a positive integer")
+        require(self.workers >= 0, "data.loader.workers", self.workers, "use an integer >= 0")
+        require(self.repeated_aug >= 0, "data.loader.repeated_aug", self.repeated_aug, "use an integer >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    """-> lbc.data.build_mixup: timm Mixup/CutMix alphas and label smoothing (all 0: plain labels)."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        for key in ("mixup", "cutmix"):
+            require(is_number(getattr(self, key)) and getattr(self, key) >= 0, f"data.augment.{key}",
+                    getattr(self, key), "use a number >= 0 (0 = off)")
+        for key in ("label_smoothing", "prob", "switch_prob"):
+            value = getattr(self, key)
+            require(is_number(value) and 0 <= value <= 1 and (key != "label_smoothing" or value < 1),
+                    f"data.augment.{key}", value, "use a number in [0, 1)" if key == "label_smoothing" else
+                    "use a number in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Keys every data set has; the rest are the builder's options (``lbc.data.build_datasets``)."""
+
+    name: str = MISSING
+    num_classes: int | None = None  # checked against the data (null: take what the data says)
+    input_size: list[int] | None = None  # [C, H, W], checked against the data
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        require(self.num_classes is None or self.num_classes >= 1, "data.num_classes", self.num_classes,
+                "use a positive integer or null")
+        require(self.input_size is None or len(self.input_size) == 3 and all(v >= 1 for v in self.input_size),
+                "data.input_size", self.input_size, "use [C, H, W] with positive sizes")
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    """scikit-learn's 8x8 handwritten digits, upscaled, 3 channels; fixed 1437/360 split, in memory."""
+
+    name: str = "digits"
+    image_size: int = 32
+    train_augment: bool = False  # small random affine on train images
+
+
+@dataclass
+class FolderConfig(DataConfig):
+    """ImageNet-layout folders ``root/<split>/<class>/<image>``, timm's transforms."""
+
+    name: str = "folder"
+    root: str = MISSING
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 224
+    interpolation: str = "bilinear"  # nearest, bilinear, bicubic, box, hamming, lanczos, random
+    rand_augment: str | None = None  # timm auto_augment string, e.g. rand-m9-mstd0.5-inc1; null = off
+    reprob: float = 0.0  # random erasing probability (timm re_prob)
+    re_mode: str = "pixel"  # random erasing fill: pixel (DeiT), rand, const
+    re_count: int = 1
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # RandomResizedCrop aspect range
+    hflip: float = 0.5
+    color_jitter: float | None = None  # null = off (timm's default 0.4)
+    crop_pct: float = 0.875  # val: resize to image_size / crop_pct, centre-crop image_size
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.image_size >= 1, "data.image_size", self.image_size, "use a positive integer")
+        for key in ("reprob", "hflip"):
+            value = getattr(self, key)
+            require(0 <= value <= 1, f"data.{key}", value, "use a probability in [0, 1]")
+        require(self.re_mode in ("pixel", "rand", "const"), "data.re_mode", self.re_mode,
+                "choose from: pixel, rand, const")
+        require(0 < self.crop_pct <= 1, "data.crop_pct", self.crop_pct, "use 0 < crop_pct <= 1")
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    """Random images, deterministic per index: speed and memory benchmarks, smoke runs."""
+
+    name: str = "synthetic"
+    train_size: int = 1024
+    val_size: int = 256
+    seed: int = 0
+
+
+# --- model ------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """-> lbc.models.build_model(name, num_classes=<from the data>, source=..., **options); random init."""
+
+    name: str = MISSING  # a name of lbc's registry, torchvision.models or timm (or prefixed: timm/<name>)
+    source: str | None = None  # lbc | torchvision | timm; null: lbc, then torchvision, then timm
+
+    def __post_init__(self) -> None:
+        require(self.source in (None, "lbc", "torchvision", "timm"), "model.source", self.source,
+                "choose from: lbc, torchvision, timm, null")
+
+
+@dataclass
+class ResNetSmallConfig(ModelConfig):
+    """CIFAR-style ResNet for 32x32 inputs (lbc's own model)."""
+
+    name: str = "resnet_small"
+    source: str | None = "lbc"
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    blocks: list[int] = field(default_factory=lambda: [2, 2, 2])
+    in_channels: int = 3
+
+
+@dataclass
+class TorchvisionModelConfig(ModelConfig):
+    """Any ``torchvision.models.get_model`` name (the builder's defaults for everything else)."""
+
+    source: str | None = "torchvision"
+
+
+@dataclass
+class TimmViTConfig(ModelConfig):
+    """A timm vision transformer (``timm.create_model`` keywords)."""
+
+    source: str | None = "timm"
+    drop_path_rate: float = 0.0
+    img_size: int = 224
+    in_chans: int = 3
+
+
+# --- the whole run ----------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """The primary config: one option per group, the seed, and where the run writes."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    sparsity: Any = MISSING
+    optim: Any = MISSING
+    schedule: Any = MISSING
+    trainer: Any = MISSING
+    seed: int = 0
+    run_dir: str = MISSING  # config.yaml, metrics.jsonl, TensorBoard events and last.pt go here
+
+
+# group -> {option file name: its schema}. ``lbc/configs/<group>/<option>.yaml`` starts with
+# ``defaults: [base_<option>, _self_]``; a test checks that every option file does.
+SCHEMAS: dict[str, dict[str, type]] = {
+    "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
+    "schedule": {"cosine": CosineConfig},
+    "trainer": {"default": TrainerConfig},
+    "data": {"digits": DigitsConfig, "imagenet": FolderConfig, "synthetic": SyntheticConfig},
+    "model": {"resnet_small": ResNetSmallConfig, "resnet18": TorchvisionModelConfig,
+              "resnet50": TorchvisionModelConfig, "deit_small_patch16_224": TimmViTConfig},
+    "sparsity": dict(SPARSITY_OPTIONS),
+}
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="base_train", node=TrainConfig)
+    for group, options in SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=group, name=f"base_{option}", node=schema)
+    # for a user's own model file: defaults: [base_timm, _self_] or [base_torchvision, _self_]
+    store.store(group="model", name="base_timm", node=ModelConfig(source="timm"))
+    store.store(group="model", name="base_torchvision", node=TorchvisionModelConfig)
+
+
+# --- resolvers --------------------------------------------------------------------------------
 def _number(x: Any) -> int | float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         try:
@@ -45,109 +341,134 @@ def mul(a: Any, b: Any) -> int | float:
     return _number(a) * _number(b)
 
 
+def sub(a: Any, b: Any) -> int | float:
+    """``${sub:a,b}``: a - b."""
+    return _number(a) - _number(b)
+
+
 def register_resolvers() -> None:
-    """Register ``div`` and ``mul`` once (idempotent; importing this module does it)."""
-    for name, fn in (("div", div), ("mul", mul)):
+    """Register ``div``, ``mul`` and ``sub`` once (idempotent; importing this module does it)."""
+    for name, fn in (("div", div), ("mul", mul), ("sub", sub)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
 
 register_resolvers()
+register_schemas()
 
 
-_ABSENT = object()
+# --- checks and messages ----------------------------------------------------------------------
+_SCHEMA_BY_NAME = {
+    schema.__name__: schema for options in SCHEMAS.values() for schema in options.values()
+} | {"TrainConfig": TrainConfig, "LoaderConfig": LoaderConfig, "AugmentConfig": AugmentConfig}
 
 
-def _get(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=_ABSENT)
-    if value is _ABSENT:
-        raise ConfigError(f"{key} is missing from the config")
-    return value
+def _allowed_keys(object_type: str | None) -> str:
+    schema = _SCHEMA_BY_NAME.get(object_type or "")
+    if schema is None:
+        return ""
+    return "; allowed: " + ", ".join(sorted(f.name for f in dataclasses.fields(schema)))
 
 
-def _positive(cfg: DictConfig, key: str, *, integer: bool = False, zero_ok: bool = False) -> Any:
-    value = _get(cfg, key)
-    kind = "integer" if integer else "number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; use a {'non-negative' if zero_ok else 'positive'} {kind}")
-    return value
+def _type_hint(message: str) -> str:
+    match = re.search(r"could not be converted to (\w+)|is not a valid (\w+)", message)
+    if match:
+        kind = match.group(1) or match.group(2)
+        return {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "bool": "true or false",
+                "int": "an integer", "float": "a number"}.get(kind, kind)
+    return ""
 
 
-def _choice(cfg: DictConfig, key: str, allowed: tuple, *, optional: bool = False) -> Any:
-    value = _get(cfg, key)
-    if optional and value in (None, "none"):
-        return None
-    if value not in allowed:
-        extra = ", null" if optional else ""
-        raise ConfigError(f"{key}={value!r} is not allowed; choose from: {', '.join(map(str, allowed))}{extra}")
-    return value
+def one_line(message: str, full_key: str | None = None, object_type: str | None = None) -> str:
+    """One line naming the key and what is allowed, from an OmegaConf/Hydra error's text.
+
+    OmegaConf's messages carry ``full_key: ...`` and ``object_type=...`` lines; Hydra's composition
+    errors print them under their own first line. Both are folded into one sentence here.
+    """
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("full_key:") and not full_key:
+            full_key = ln.split(":", 1)[1].strip()
+        elif ln.startswith("object_type=") and not object_type:
+            object_type = ln.split("=", 1)[1].strip()
+    body = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type=",
+                                                     "Set the environment variable HYDRA_FULL_ERROR"))]
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", message)
+    if missing:  # a group option that does not exist: model=nope
+        group, option = missing.groups()
+        options = []
+        if "Available options in" in message:
+            start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options in"))
+            options = []
+            for ln in lines[start + 1:]:
+                if ln.startswith(("Config search path", "Set the environment variable")):
+                    break
+                if not ln.startswith("base_"):
+                    options.append(ln.split()[0])
+        return f"{group}={option} is not a known option of the {group} group; choose from: {', '.join(options)}"
+    not_in = next((ln for ln in body if re.search(r"Key '([^']+)' (is )?not in", ln)), None)
+    if not_in is not None:
+        key = full_key or re.search(r"Key '([^']+)'", not_in).group(1)
+        return f"{key} is not a known key{_allowed_keys(object_type)}"
+    conversion = next((ln for ln in body if "could not be converted" in ln or "Invalid value assigned" in ln
+                       or "Non optional field" in ln or "is not a ListConfig" in ln or "is not a valid" in ln), None)
+    if conversion is not None and full_key:
+        hint = _type_hint(conversion)
+        reason = f"use {hint}" if hint else conversion.rstrip(".")
+        value = re.search(r"Value '([^']*)'", conversion)
+        shown = f"={value.group(1)!r}" if value else ""
+        return f"{full_key}{shown} is not allowed; {reason}"
+    first = " ".join((body or lines or ["invalid config"])[0].split())
+    if full_key and full_key not in first:
+        first = f"{full_key}: {first}"
+    return first
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the values the engine uses; raise a one-line ConfigError naming the key otherwise.
+def as_config_error(err: OmegaConfBaseException) -> ConfigError:
+    """An OmegaConf exception as our one-line ConfigError."""
+    cause = err.__cause__
+    if isinstance(cause, ConfigError):
+        return cause
+    return ConfigError(one_line(str(err), getattr(err, "full_key", None), getattr(err, "object_type_str", None)))
 
-    Model, data and sparsity values are checked by their own builders (registries), which run
-    right after this at start-up.
+
+def _check_keys(node: Any, schema: type, prefix: str) -> None:
+    """Refuse keys the schema does not have (``+group.key=...`` adds one past the struct check)."""
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in names:
+            raise ConfigError(f"{prefix}.{key} is not a known key; allowed: {', '.join(sorted(names))}")
+        sub = names[key].type
+        nested = _SCHEMA_BY_NAME.get(sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
+        if nested is not None and OmegaConf.is_dict(node._get_node(key)):
+            _check_keys(node[key], nested, f"{prefix}.{key}")
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the composed config; return each group as its typed dataclass object.
+
+    Types and unknown keys were checked while composing (the schemas); this runs the range checks
+    next to the fields (``__post_init__``) and the few that span groups. Any problem is one
+    ConfigError line naming the key.
     """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} is required: pass {missing[0]}=... on the command line")
-    for key in ("model.name", "data.name", "sparsity.method"):
-        if not isinstance(_get(cfg, key), str):
-            raise ConfigError(f"{key} must be a name (string)")
-    if not isinstance(_get(cfg, "seed"), int) or isinstance(cfg.seed, bool):
-        raise ConfigError(f"seed={cfg.seed!r} is not allowed; use an integer")
-
-    # optim
-    _choice(cfg, "optim.name", OPTIMIZERS)
-    _positive(cfg, "optim.lr")
-    _positive(cfg, "optim.weight_decay", zero_ok=True)
-    if cfg.optim.name == "sgd":
-        momentum = _positive(cfg, "optim.momentum", zero_ok=True)
-        if momentum >= 1:
-            raise ConfigError(f"optim.momentum={momentum!r} is not allowed; use 0 <= momentum < 1")
-        if not isinstance(_get(cfg, "optim.nesterov"), bool):
-            raise ConfigError("optim.nesterov must be true or false")
-        if cfg.optim.nesterov and momentum == 0:
-            raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
-    else:
-        betas = _get(cfg, "optim.betas")
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ConfigError(f"optim.betas={list(betas)!r} is not allowed; use two numbers in [0, 1)")
-        _positive(cfg, "optim.eps")
-
-    # schedule
-    _choice(cfg, "schedule.name", SCHEDULES)
-    epochs = _positive(cfg, "schedule.epochs", integer=True)
-    warmup = _positive(cfg, "schedule.warmup_epochs", zero_ok=True)
-    if warmup >= epochs:
-        raise ConfigError(f"schedule.warmup_epochs={warmup!r} is not allowed; use 0 <= warmup_epochs < schedule.epochs={epochs}")
-    _positive(cfg, "schedule.min_lr", zero_ok=True)
-    _positive(cfg, "schedule.warmup_lr", zero_ok=True)
-
-    # trainer
-    device = _get(cfg, "trainer.device")
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"trainer.device={device!r} is not allowed; choose from: auto, cpu, cuda, cuda:N")
-    _choice(cfg, "trainer.amp", AMP_DTYPES, optional=True)
-    for key in ("trainer.channels_last", "trainer.compile", "trainer.ema", "trainer.progress",
-                "trainer.find_unused_parameters", "trainer.dump_params"):
-        if not isinstance(_get(cfg, key), bool):
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed; use true or false")
-    ema_decay = _positive(cfg, "trainer.ema_decay")
-    if ema_decay >= 1:
-        raise ConfigError(f"trainer.ema_decay={ema_decay!r} is not allowed; use 0 < decay < 1")
-    _positive(cfg, "trainer.log_interval", integer=True)
-    _positive(cfg, "trainer.ckpt_interval", integer=True)
-    for key in ("trainer.max_steps_per_epoch", "trainer.max_eval_steps"):
-        if _get(cfg, key) is not None:
-            _positive(cfg, key, integer=True)
-    if _get(cfg, "trainer.clip_grad") is not None:
-        _positive(cfg, "trainer.clip_grad")
-    resume = _get(cfg, "trainer.resume")
-    if resume is not None and not isinstance(resume, str):
-        raise ConfigError(f"trainer.resume={resume!r} is not allowed; use a checkpoint path or null")
-    if not isinstance(_get(cfg, "run_dir"), str) or not cfg.run_dir:
-        raise ConfigError("run_dir must be a directory path")
+    typed: dict[str, Any] = {}
+    try:
+        for group in SCHEMAS:
+            node = cfg[group]
+            schema = OmegaConf.get_type(node)
+            if schema is dict or schema is None:  # a user's own option without a schema: as it is
+                typed[group] = node
+                continue
+            _check_keys(node, schema, group)
+            typed[group] = OmegaConf.to_object(node)
+        seed, run_dir = cfg.seed, cfg.run_dir
+    except OmegaConfBaseException as err:
+        raise as_config_error(err) from None
+    require(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "use an integer")
+    require(isinstance(run_dir, str) and bool(run_dir), "run_dir", run_dir, "use a directory path")
+    optim, schedule = typed["optim"], typed["schedule"]
+    require(schedule.min_lr <= optim.lr, "schedule.min_lr", schedule.min_lr, f"use at most optim.lr={optim.lr}")
+    return typed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -10,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger("lbc")
 
 
 def is_distributed() -> bool:
@@ -146,7 +149,7 @@ class Replica:
         self.signature = signature
         self.rebuilds += 1
         if self.rebuilds and is_distributed() and is_main():
-            print(f"ddp: trainable parameters changed ({sum(signature)} of {len(signature)}); rebuilt the wrapper", flush=True)
+            log.info("ddp: trainable parameters changed (%d of %d); rebuilt the wrapper", sum(signature), len(signature))
         wrapped = wrap(self.module, self.device, self.find_unused_parameters)
         self.forward = torch.compile(wrapped) if self.compile else wrapped
         return True

@@ -119,3 +119,30 @@ class PhasedScheduler:
         self.starts = list(state["starts"])
         for scheduler, sub in zip(self.schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(sub)
+
+
+def phase_lengths(phases: Sequence[tuple[str, float | None]], epochs: int) -> list[float]:
+    """Epochs of each named phase of a sparsity method (``SparsityMethod.phases()``) within ``epochs``.
+
+    No phases: one spanning the schedule. A phase of ``None`` epochs takes what the others leave
+    (at most one may). The phases must add up to ``schedule.epochs``: a one-line ConfigError otherwise.
+    """
+    if not phases:
+        return [float(epochs)]
+    fixed = sum(e for _, e in phases if e is not None)
+    open_ended = [name for name, e in phases if e is None]
+    named = " + ".join(f"{name} {'(the rest)' if e is None else f'{e:g}'}" for name, e in phases)
+    if len(open_ended) > 1 or (open_ended and fixed >= epochs) or (not open_ended and abs(fixed - epochs) > 1e-6):
+        raise ConfigError(f"the sparsity method's phases ({named}) must add up to schedule.epochs={epochs}")
+    return [float(epochs - fixed) if e is None else float(e) for _, e in phases]
+
+
+def build_phased_scheduler(
+    optimizer: torch.optim.Optimizer,
+    phases: Sequence[tuple[str, float | None]],
+    epochs: int,
+    steps_per_epoch: int,
+    **kwargs: float,
+) -> PhasedScheduler:
+    """A :class:`PhasedScheduler` over the method's phases (see :func:`phase_lengths`)."""
+    return PhasedScheduler(optimizer, phase_lengths(phases, epochs), steps_per_epoch, **kwargs)

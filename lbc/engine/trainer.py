@@ -1,15 +1,20 @@
-"""The training run, top to bottom: data, model, sparsity, optimizer, resume, loop, checkpoints, summary.
+"""The training run, top to bottom: :func:`build` (data, model, sparsity, optimizer, resume), then
+:func:`fit` (the loop, checkpoints, summary); :func:`run` is both.
 
 As in torchvision's ``references/classification/train.py``: no hidden control flow. The sparsity
 method is reached only through its interface (``lbc.sparsify`` returns it); the trainer never
-asks which method it is running.
+asks which method it is running. Messages go through ``logging`` (the ``lbc`` logger): Hydra's
+``train.log`` in the run directory keeps them, the console shows them plain.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lbc
 from lbc import config as lbc_config
@@ -26,9 +32,11 @@ from lbc.data import build_datasets, build_loader, build_mixup
 from lbc.engine import checkpoint, distributed
 from lbc.engine.logging import RunLogger
 from lbc.engine.loop import evaluate, train_one_epoch
-from lbc.engine.optim import PhasedScheduler, build_optimizer, weight_decay_groups
-from lbc.errors import ConfigError
+from lbc.engine.optim import build_optimizer, build_phased_scheduler, weight_decay_groups
+from lbc.io import load_model_weights
 from lbc.models import build_model
+
+log = logging.getLogger("lbc")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,19 +64,82 @@ def sparsity_scalars(sp: Any) -> dict[str, float]:
     return {f"sparsity/{k}": float(v) for k, v in sp.report().get("scalars", {}).items()}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as ``cfg`` says; returns the final metrics (top1, top5, sparsity scalars, run_dir)."""
-    lbc_config.validate(cfg)
-    device = distributed.pick_device(cfg.trainer.device)
+def as_kwargs(group: Any) -> dict[str, Any]:
+    """A validated config group as builder keywords (a schema's dataclass, or a plain node)."""
+    if dataclasses.is_dataclass(group):
+        return dataclasses.asdict(group)
+    return OmegaConf.to_container(group, resolve=True)
+
+
+@dataclass
+class Training:
+    """Everything :func:`fit` needs, as :func:`build` made it (and resumed it)."""
+
+    cfg: DictConfig
+    device: torch.device
+    run_dir: Path
+    model: nn.Module
+    sparsity: Any  # the method object lbc.sparsify returned
+    ema: ModelEmaV3 | None
+    train_loader: Any
+    val_loader: Any
+    criterion: nn.Module
+    mixup: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    epochs: int
+    steps: int
+    start_epoch: int = 0
+    last: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resumed_from: str | None = None
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` epochs (every rank gathers its RNG state; rank 0 writes)."""
+        return {
+            "model": self.model.state_dict(),
+            "sparsity": self.sparsity.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "epoch": epoch,
+            "rng": distributed.all_gather_object(checkpoint.rng_state()),
+            "metrics": self.last,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def load(self, path: str) -> None:
+        """Continue from the checkpoint at ``path``: weights, optimizer, schedule, RNG, epoch."""
+        ckpt = checkpoint.load(path)
+        self.model.load_state_dict(ckpt["model"])
+        self.sparsity.load_state_dict(ckpt["sparsity"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.start_epoch, self.last, self.resumed_from = int(ckpt["epoch"]), ckpt.get("metrics", {}), path
+        rng = ckpt["rng"]
+        checkpoint.set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
+
+
+def build(cfg: DictConfig) -> Training:
+    """Check ``cfg`` and build the run: data, model with its sparsity method, optimizer, schedule.
+
+    Resumes from ``trainer.resume``, else from ``<run_dir>/last.pt`` when it exists.
+    """
+    typed = lbc_config.validate(cfg)
+    tcfg = typed["trainer"]
+    device = distributed.pick_device(tcfg.device)
     distributed.init(device)
-    main = distributed.is_main()
     run_dir = Path(share_run_dir(str(cfg.run_dir)))
-    tcfg = cfg.trainer
     amp_dtype = AMP_DTYPES[tcfg.amp] if tcfg.amp in AMP_DTYPES and device.type == "cuda" else None
     memory_format = torch.channels_last if tcfg.channels_last else torch.preserve_format
 
     # --- data ------------------------------------------------------------------------------
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg = as_kwargs(typed["data"])
     loader_cfg, mixup_cfg = data_cfg.pop("loader", {}), data_cfg.pop("augment", {})
     datasets = build_datasets(**data_cfg)
     seed_everything(cfg.seed)
@@ -81,119 +152,104 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     criterion = SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=smoothing)
 
     # --- model and sparsity method (attached before the optimizer and DDP) --------------------
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = build_model(num_classes=datasets.num_classes, **model_cfg).to(device, memory_format=memory_format)
-    sp = lbc.sparsify(model, **OmegaConf.to_container(cfg.sparsity, resolve=True), input_size=datasets.input_size)
+    model = build_model(num_classes=datasets.num_classes, **as_kwargs(typed["model"]))
+    model = model.to(device, memory_format=memory_format)
+    if tcfg.init_from:
+        load_model_weights(model, tcfg.init_from, "trainer.init_from")
+    sp = lbc.sparsify(model, **as_kwargs(typed["sparsity"]), input_size=datasets.input_size)
     ema = ModelEmaV3(model, decay=tcfg.ema_decay) if tcfg.ema else None
 
-    # --- optimizer, schedule --------------------------------------------------------------
-    ocfg, scfg = cfg.optim, cfg.schedule
+    # --- optimizer, schedule (one cosine per phase of the method) ---------------------------
+    ocfg, scfg = typed["optim"], typed["schedule"]
     groups = weight_decay_groups(model, ocfg.weight_decay, exclude=sp.score_parameters())
     groups += sp.param_groups(ocfg.weight_decay)
-    extra = {k: ocfg[k] for k in ("momentum", "nesterov", "betas", "eps") if k in ocfg}
+    extra = {k: v for k, v in as_kwargs(ocfg).items() if k in ("momentum", "nesterov", "betas", "eps")}
     optimizer = build_optimizer(ocfg.name, groups, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **extra)
     steps = len(train_loader) if tcfg.max_steps_per_epoch is None else min(len(train_loader), tcfg.max_steps_per_epoch)
-    epochs = int(scfg.epochs)
-    phases = [epochs_ for _, epochs_ in sp.phases()] or [epochs]
-    if abs(sum(phases) - epochs) > 1e-6:
-        named = " + ".join(f"{name} {e:g}" for name, e in sp.phases())
-        raise ConfigError(f"the sparsity method's phases ({named}) must add up to schedule.epochs={epochs}")
-    scheduler = PhasedScheduler(
-        optimizer, phases, steps, warmup_epochs=scfg.warmup_epochs, warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scheduler = build_phased_scheduler(optimizer, sp.phases(), scfg.epochs, steps, warmup_epochs=scfg.warmup_epochs,
+                                       warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr)
+    training = Training(
+        cfg=cfg, device=device, run_dir=run_dir, model=model, sparsity=sp, ema=ema, train_loader=train_loader,
+        val_loader=val_loader, criterion=criterion, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
+        epochs=scfg.epochs, steps=steps,
+    )  # fmt: skip
 
     # --- resume: an explicit trainer.resume, else <run_dir>/last.pt if present -------------
-    start_epoch, last = 0, {}
     resume = tcfg.resume or (str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None)
     if resume:
-        ckpt = checkpoint.load(resume)
-        model.load_state_dict(ckpt["model"])
-        sp.load_state_dict(ckpt["sparsity"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch, last = int(ckpt["epoch"]), ckpt.get("metrics", {})
-        rng = ckpt["rng"]
-        checkpoint.set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
+        training.load(resume)
     else:
         seed_everything(cfg.seed + distributed.rank())  # per-rank randomness (dropout, mixup) from here on
-    replica = distributed.Replica(model, device, compile=tcfg.compile, find_unused_parameters=tcfg.find_unused_parameters)
+    return training
 
-    logger = RunLogger(run_dir, enabled=main)
+
+def fit(t: Training) -> dict[str, Any]:
+    """Train from ``t.start_epoch`` to the end; returns the final metrics (top1, top5, sparsity scalars, run_dir)."""
+    cfg, tcfg, sp, main = t.cfg, t.cfg.trainer, t.sparsity, distributed.is_main()
+    replica = distributed.Replica(t.model, t.device, compile=tcfg.compile, find_unused_parameters=tcfg.find_unused_parameters)
+    logger = RunLogger(t.run_dir, enabled=main)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        logger.truncate_after(start_epoch)
-        where = f", resuming from {resume} at epoch {start_epoch}" if resume else ""
-        print(f"lbc: {cfg.model.name} on {cfg.data.name}, sparsity {cfg.sparsity.method}, {device}, "
-              f"{distributed.world_size()} process(es), {epochs} epochs x {steps} steps{where}; run dir {run_dir}")
+        t.run_dir.mkdir(parents=True, exist_ok=True)
+        (t.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        logger.truncate_after(t.start_epoch)
+        where = f", resuming from {t.resumed_from} at epoch {t.start_epoch}" if t.resumed_from else ""
+        log.info("lbc: %s on %s, sparsity %s, %s, %d process(es), %d epochs x %d steps%s; run dir %s",
+                 cfg.model.name, cfg.data.name, cfg.sparsity.method, t.device, distributed.world_size(), t.epochs,
+                 t.steps, where, t.run_dir)
 
-    def state(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "sparsity": sp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch,
-            "rng": distributed.all_gather_object(checkpoint.rng_state()),
-            "metrics": metrics,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-
-    # --- the loop ---------------------------------------------------------------------------
     milestones = sp.milestones()
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        stats = train_one_epoch(
-            replica, train_loader, criterion, optimizer, scheduler, sp,
-            epoch=epoch, epochs=epochs, steps=steps, device=device, scaler=scaler, amp_dtype=amp_dtype,
-            mixup=mixup, ema=ema, clip_grad=tcfg.clip_grad, channels_last=tcfg.channels_last,
-            log_interval=tcfg.log_interval, log_step=lambda v, s: logger.scalars(v, s, prefix="train/"),
-            progress=main and tcfg.progress,
-        )  # fmt: skip
-        distributed.broadcast_buffers(model)  # the sharded evaluation and the checkpoint see rank 0's BN stats
-        eval_args = dict(device=device, amp_dtype=amp_dtype, channels_last=tcfg.channels_last, max_steps=tcfg.max_eval_steps)
-        stats |= evaluate(model, val_loader, **eval_args)
-        if ema is not None:
-            stats["ema_top1"] = evaluate(ema.module, val_loader, **eval_args)["top1"]
-        stats["seconds"] = time.perf_counter() - t0
-        last = {"epoch": epoch + 1, **stats, "skipped": stats["train_skipped"] + stats["val_skipped"]}
-        last |= sparsity_scalars(sp)
-        logger.epoch(last)
-        logger.scalars({k: v for k, v in last.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
-        if main and tcfg.progress:
-            density = f"  density {last['sparsity/density']:.3f}" if "sparsity/density" in last else ""
-            print(f"epoch {epoch + 1}/{epochs}: loss {stats['train_loss']:.4f}  top-1 {stats['top1']:.2f}  "
-                  f"top-5 {stats['top5']:.2f}  lr {stats['lr']:.2e}{density}  {stats['seconds']:.1f}s", flush=True)
-
-        done = epoch + 1
-        keep = [name for name, at in milestones.items() if at == done]
-        if done % tcfg.ckpt_interval == 0 or done == epochs or keep:
-            ckpt = state(done, last)  # every rank gathers RNG states; rank 0 writes
+    eval_args = dict(device=t.device, amp_dtype=t.amp_dtype, channels_last=tcfg.channels_last,
+                     max_steps=tcfg.max_eval_steps)
+    with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+        for epoch in range(t.start_epoch, t.epochs):
+            t0 = time.perf_counter()
+            t.train_loader.set_epoch(epoch)
+            stats = train_one_epoch(
+                replica, t.train_loader, t.criterion, t.optimizer, t.scheduler, sp,
+                epoch=epoch, epochs=t.epochs, steps=t.steps, device=t.device, scaler=t.scaler,
+                amp_dtype=t.amp_dtype, mixup=t.mixup, ema=t.ema, clip_grad=tcfg.clip_grad,
+                channels_last=tcfg.channels_last, log_interval=tcfg.log_interval,
+                log_step=lambda v, s: logger.scalars(v, s, prefix="train/"), progress=main and tcfg.progress,
+            )  # fmt: skip
+            distributed.broadcast_buffers(t.model)  # the sharded evaluation and the checkpoint see rank 0's BN stats
+            stats |= evaluate(t.model, t.val_loader, **eval_args)
+            if t.ema is not None:
+                stats["ema_top1"] = evaluate(t.ema.module, t.val_loader, **eval_args)["top1"]
+            stats["seconds"] = time.perf_counter() - t0
+            t.last = {"epoch": epoch + 1, **stats, "skipped": stats["train_skipped"] + stats["val_skipped"]}
+            t.last |= sparsity_scalars(sp)
+            logger.epoch(t.last)
+            logger.scalars({k: v for k, v in t.last.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
             if main:
-                checkpoint.save(ckpt, run_dir / "last.pt")
-                for name in keep:
-                    checkpoint.copy(run_dir / "last.pt", run_dir / f"{name}.pt")
+                density = f"  density {t.last['sparsity/density']:.3f}" if "sparsity/density" in t.last else ""
+                log.info("epoch %d/%d: loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s  %.1fs", epoch + 1, t.epochs,
+                         stats["train_loss"], stats["top1"], stats["top5"], stats["lr"], density, stats["seconds"])
+
+            done = epoch + 1
+            keep = [name for name, at in milestones.items() if at == done]
+            if done % tcfg.ckpt_interval == 0 or done == t.epochs or keep:
+                ckpt = t.state(done)
+                if main:
+                    checkpoint.save(ckpt, t.run_dir / "last.pt")
+                    for name in keep:
+                        checkpoint.copy(t.run_dir / "last.pt", t.run_dir / f"{name}.pt")
 
     sp.finalize()  # raises if the method's promise (e.g. exact N:M) is broken
-    ckpt = state(epochs, last)
+    ckpt = t.state(t.epochs)
     if main:
-        checkpoint.save(ckpt, run_dir / "last.pt")
-    if tcfg.dump_params:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   run_dir / f"rank{distributed.rank()}_params.pt")
+        checkpoint.save(ckpt, t.run_dir / "last.pt")
     logger.close()
 
-    result = {"top1": last.get("top1"), "top5": last.get("top5"), **sparsity_scalars(sp), "run_dir": str(run_dir)}
+    result = {"top1": t.last.get("top1"), "top5": t.last.get("top5"), **sparsity_scalars(sp), "run_dir": str(t.run_dir)}
     if main:
         scalars = "  ".join(f"{k.removeprefix('sparsity/')} {v:.4f}" for k, v in sparsity_scalars(sp).items())
         top1 = f"{result['top1']:.2f}%" if result["top1"] is not None else "n/a"
-        print(f"done: top-1 {top1}  |  sparsity: {scalars or 'n/a'}  |  run dir: {run_dir}", flush=True)
+        log.info("done: top-1 %s  |  sparsity: %s  |  run dir: %s", top1, scalars or "n/a", t.run_dir)
     distributed.barrier()
     return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as ``cfg`` says (``build`` then ``fit``); returns the final metrics."""
+    return fit(build(cfg))

@@ -1,0 +1,1 @@
+"""Command-line entry points (console scripts ``lbc-train`` and ``lbc-summary``; ``tools/`` wraps them)."""

@@ -1,0 +1,43 @@
+"""``lbc-summary``: per-layer table and test-time totals of an N:M model; the last line is JSON.
+
+    lbc-summary --model resnet50 --pattern 1:16
+    lbc-summary --model deit_small_patch16_224 --pattern 2:4
+
+``flops_*`` are multiply-accumulates of one image (as the paper's tables count them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lbc.errors import ConfigError
+from lbc.models import MODELS, build_model
+from lbc.summary import format_table, summarize
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line), print the table and the JSON totals; the exit status."""
+    parser = argparse.ArgumentParser(prog="lbc-summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50", help=f"lbc's own ({', '.join(MODELS.names())}), any "
+                        "torchvision or timm model name, or a prefixed one: timm/<name>, torchvision/<name>")
+    parser.add_argument("--pattern", default="2:4", help="N:M pattern, e.g. 2:4, 1:16")
+    parser.add_argument("--image-size", type=int, default=224, help="side of the square input image")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--exclude", nargs="*", default=None, help="module-name globs kept dense "
+                        "(default: stem and classifier)")
+    args = parser.parse_args(argv)
+    try:
+        model = build_model(args.model, num_classes=args.num_classes)
+        result = summarize(model, args.pattern, (3, args.image_size, args.image_size), args.exclude)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result["rows"]))
+    print(json.dumps(result["totals"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""``lbc-train [key=value ...]``: train as the Hydra config says (``python tools/train.py`` is the same).
+
+The configs ship inside the package (``lbc/configs``), so this works from any directory; add your
+own config directory with Hydra's ``--config-dir DIR`` (its files extend or replace ours).
+A bad value stops with one line ``error: <key> ...`` on stderr and exit status 2, whether Hydra
+finds it while composing (an unknown key, a wrong type, a missing option) or our checks do.
+Under ``torchrun --nproc_per_node=K`` it trains with DDP.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from lbc import config as lbc_config
+from lbc.engine import distributed
+from lbc.errors import ConfigError, DataError
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+log = logging.getLogger("lbc")
+
+
+def fail(message: str, status: int = 2) -> None:
+    """Print ``error: <message>`` as one line on stderr (rank 0 only) and exit with ``status``."""
+    if distributed.rank() == 0 and os.environ.get("RANK", "0") == "0":
+        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+class _ComposeGuard:
+    """Holds back what Hydra writes to stderr until the job starts.
+
+    Hydra reports a composition error (an unknown key, a wrong type, a missing group option) as
+    several lines and exits with status 1 before our task runs; this turns those lines into our one
+    line with status 2. Once the task has started, stderr is the real one again and what was held
+    back (warnings) is written out.
+    """
+
+    def __init__(self) -> None:
+        self.held = io.StringIO()
+        self.real = sys.stderr
+        self.started = False
+
+    def __enter__(self) -> _ComposeGuard:
+        sys.stderr = self.held
+        return self
+
+    def release(self) -> None:
+        if not self.started:
+            self.started = True
+            sys.stderr = self.real
+            if self.held.getvalue():
+                self.real.write(self.held.getvalue())
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        sys.stderr = self.real
+        if self.started or not isinstance(err, SystemExit) or not err.code:
+            if not self.started and self.held.getvalue():
+                self.real.write(self.held.getvalue())
+            return False
+        fail(lbc_config.one_line(self.held.getvalue() or "invalid configuration"))
+        return True  # not reached: fail() exits
+
+
+def run_job(cfg: DictConfig) -> None:
+    """One job: Hydra's output directory becomes ``run_dir``; errors are one line."""
+    from lbc.engine.trainer import run  # after the guard: importing the engine takes a second
+
+    out = HydraConfig.get().runtime.output_dir
+    with open_dict(cfg):
+        cfg.run_dir = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out
+    try:
+        run(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    except OmegaConfBaseException as e:
+        fail(str(lbc_config.as_config_error(e)))
+    except DataError as e:
+        fail(str(e))
+    except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
+        fail(f"{e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint is in {cfg.run_dir})", 1)
+
+
+def main() -> None:
+    """The ``lbc-train`` console script."""
+    guard = _ComposeGuard()
+
+    @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
+    def task(cfg: DictConfig) -> None:
+        guard.release()
+        run_job(cfg)
+
+    with guard:
+        task()
+    distributed.shutdown()  # under torchrun: leave the group and os._exit(0) (gloo can abort at exit)
+
+
+if __name__ == "__main__":
+    main()

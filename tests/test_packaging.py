@@ -1,0 +1,71 @@
+"""``pip install .`` gives a working package: a wheel with its configs, declared dependencies and console scripts."""
+
+from __future__ import annotations
+
+import email
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, TINY
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+
+
+def sh(*cmd: str | Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", out, ROOT, cwd=out)
+    (found,) = out.glob("lbc-*.whl")
+    return found
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_dependencies_and_console_scripts(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        meta = email.message_from_string(zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
+        scripts = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    configs = ROOT / "lbc" / "configs"
+    shipped = {n.removeprefix("lbc/configs/") for n in names if n.startswith("lbc/configs/")}
+    assert {str(p.relative_to(configs)) for p in configs.rglob("*.yaml")} <= shipped
+    requires = {r.split(">")[0].split("<")[0].split("=")[0].split(";")[0].strip() for r in meta.get_all("Requires-Dist")}
+    assert {"torch", "torchvision", "timm", "hydra-core", "omegaconf", "tqdm", "tensorboard", "scikit-learn"} <= requires
+    import lbc
+
+    assert meta["Version"] == lbc.__version__  # one version, read from lbc/__init__.py
+    assert "lbc-train = lbc.cli.train:main" in scripts and "lbc-summary = lbc.cli.summary:main" in scripts
+    assert not any(n.startswith(("tests/", "tools/")) for n in names)
+
+
+@pytest.mark.slow
+def test_installed_wheel_trains_from_another_directory(wheel, tmp_path):
+    """A fresh venv with the wheel (its dependencies taken from this environment: nothing downloads)."""
+    venv = tmp_path / "venv"
+    sh(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    site = Path(sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).stdout.strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch & co. without a download
+    sh(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    where = sh(python, "-c", "import lbc, pathlib; print(pathlib.Path(lbc.__file__).parent)", cwd=tmp_path).stdout
+    assert Path(where.strip()).is_relative_to(venv), where  # the installed copy, not this checkout
+    sh(python, "-m", "pip", "check", cwd=tmp_path)  # every declared dependency is satisfied
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    proc = sh(venv / "bin" / "lbc-train", *TINY, "schedule.epochs=1", "run_dir=run", cwd=work)
+    assert "done: top-1" in proc.stdout and (work / "run" / "last.pt").is_file()
+    proc = sh(venv / "bin" / "lbc-summary", "--model", "resnet_small", "--num-classes", "10", "--image-size", "32",
+              cwd=work)
+    assert proc.stdout.strip().splitlines()[-1].startswith("{")

@@ -52,12 +52,22 @@ def test_asp_pipeline_in_one_command_with_hand_off_checkpoint(make_config, tmp_p
     assert lines[0]["lr"] == pytest.approx(cfg.optim.lr)
 
     # Start another run from the hand-off: pruned at once, fine-tuned for the whole schedule.
-    again = make_config("sparsity=asp", f"sparsity.init_from={run_dir / 'dense.pt'}", "schedule.epochs=1",
-                        "sparsity.finetune_epochs=1", run_dir=tmp_path / "from_dense")
+    again = make_config("sparsity=asp", f"trainer.init_from={run_dir / 'dense.pt'}", "schedule.epochs=1",
+                        "sparsity.dense_epochs=0", run_dir=tmp_path / "from_dense")
     result = trainer.run(again)
     assert result["sparsity/exact_nm"] == 1.0
     model = checkpoint.load(tmp_path / "from_dense" / "last.pt")["model"]
     assert any(k.endswith(".mask") and not bool(v.all()) for k, v in model.items())
+
+
+def test_open_ended_phase_takes_the_rest():
+    from lbc.engine.optim import phase_lengths
+
+    assert phase_lengths([("dense", 3), ("finetune", None)], 5) == [3.0, 2.0]
+    assert phase_lengths([("finetune", None)], 4) == [4.0]
+    assert phase_lengths([], 6) == [6.0]
+    with pytest.raises(ConfigError, match="schedule.epochs=3"):
+        phase_lengths([("dense", 3), ("finetune", None)], 3)
 
 
 def test_phases_must_add_up_to_the_schedule(make_config):

@@ -57,6 +57,7 @@ def test_installed_wheel_trains_from_another_directory(wheel, tmp_path):
     python = venv / "bin" / "python"
     site = Path(sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch & co. without a download
+    sh(python, "-m", "pip", "uninstall", "-y", "setuptools", cwd=tmp_path)  # the venv's own, older than torch wants
     sh(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel, cwd=tmp_path)
     where = sh(python, "-c", "import lbc, pathlib; print(pathlib.Path(lbc.__file__).parent)", cwd=tmp_path).stdout
     assert Path(where.strip()).is_relative_to(venv), where  # the installed copy, not this checkout

@@ -85,7 +85,7 @@ def test_cli_run_train_log_and_multirun(tmp_path):
     # from another directory: the configs ship inside the package
     proc = lbc_train(*TINY, "schedule.epochs=1", f"run_dir={tmp_path / 'single'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "done: top-1" in proc.stdout and str(tmp_path / "single") in proc.stdout
+    assert "done: top-1" in proc.stdout and "run dir: single" in proc.stdout  # relative to where it ran
     assert (tmp_path / "single" / "config.yaml").is_file()
     log = (tmp_path / "single" / "train.log").read_text()  # Hydra's log file holds our messages
     assert "epoch 1/1: loss" in log and "done: top-1" in log and "lbc: resnet_small on digits" in log

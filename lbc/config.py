@@ -242,6 +242,7 @@ class ModelConfig:
 
     name: str = MISSING  # a name of lbc's registry, torchvision.models or timm (or prefixed: timm/<name>)
     source: str | None = None  # lbc | torchvision | timm; null: lbc, then torchvision, then timm
+    extra: dict[str, Any] = field(default_factory=dict)  # more builder keywords: +model.extra.drop_rate=0.1
 
     def __post_init__(self) -> None:
         require(self.source in (None, "lbc", "torchvision", "timm"), "model.source", self.source,
@@ -360,7 +361,7 @@ register_schemas()
 # --- checks and messages ----------------------------------------------------------------------
 _SCHEMA_BY_NAME = {
     schema.__name__: schema for options in SCHEMAS.values() for schema in options.values()
-} | {"TrainConfig": TrainConfig, "LoaderConfig": LoaderConfig, "AugmentConfig": AugmentConfig}
+} | {schema.__name__: schema for schema in (TrainConfig, LoaderConfig, AugmentConfig, ModelConfig, DataConfig)}
 
 
 def _allowed_keys(object_type: str | None) -> str:

@@ -83,19 +83,32 @@ def resolve(name: str, source: str | None = None) -> tuple[str, str]:
     raise ConfigError(f"model.name={given!r} is not {where}; {hint}")
 
 
-def build_model(name: str, num_classes: int, source: str | None = None, **kwargs: Any) -> nn.Module:
-    """A randomly initialised ``name`` from ``source`` (see the module docstring) with ``num_classes`` outputs."""
+def build_model(
+    name: str, num_classes: int, source: str | None = None, extra: dict[str, Any] | None = None, **kwargs: Any
+) -> nn.Module:
+    """A randomly initialised ``name`` from ``source`` (see the module docstring) with ``num_classes`` outputs.
+
+    ``extra`` holds more builder keywords (the config's ``model.extra``), merged into ``kwargs``. A
+    keyword the builder does not take is a one-line ConfigError, not a TypeError.
+    """
+    kwargs |= extra or {}
     asked = [k for k in WEIGHT_KEYS if kwargs.get(k) not in (None, False)]
     if asked:
         raise ConfigError(f"model.{asked[0]}={kwargs[asked[0]]!r}: lbc builds models randomly initialised and never "
                           "downloads; load weights from a file instead")
     kwargs = {k: v for k, v in kwargs.items() if k not in WEIGHT_KEYS}
     source, name = resolve(name, source)
-    if source == "lbc":
-        return MODELS.get(name, key="model.name")(num_classes=num_classes, **kwargs)
-    if source == "timm":
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    builder = torchvision.models.get_model_builder(name)
-    if "weights_backbone" in inspect.signature(builder).parameters:
-        kwargs["weights_backbone"] = None  # detection/segmentation builders default to downloading one
-    return builder(weights=None, num_classes=num_classes, **kwargs)
+    try:
+        if source == "lbc":
+            return MODELS.get(name, key="model.name")(num_classes=num_classes, **kwargs)
+        if source == "timm":
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs["weights_backbone"] = None  # detection/segmentation builders default to downloading one
+        return builder(weights=None, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        if "argument" not in str(err):
+            raise
+        raise ConfigError(f"model.name={name!r} ({source}) does not take these options "
+                          f"({', '.join(sorted(kwargs))}): {err}") from None

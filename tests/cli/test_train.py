@@ -114,3 +114,18 @@ def test_torchrun_two_processes_end_identical(tmp_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # rank 0 alone writes
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
     assert "rebuilt the wrapper" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_users_config_dir_adds_options(tmp_path):
+    """``--config-dir`` adds a model option beside ours; it extends the generic timm schema."""
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    (tmp_path / "mine" / "model" / "tiny_vit.yaml").write_text(
+        "defaults:\n  - base_timm\n  - _self_\nname: deit_tiny_patch16_224\n")
+    proc = lbc_train("--config-dir", str(tmp_path / "mine"), "model=tiny_vit", "+model.extra.depth=2", "--cfg", "job",
+                     cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: deit_tiny_patch16_224" in proc.stdout and "depth: 2" in proc.stdout
+    proc = lbc_train("--config-dir", str(tmp_path / "mine"), "model=tiny_vit", "model.depth=2", cwd=tmp_path,
+                     timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: model.depth is not a known key; allowed: extra, name, source"

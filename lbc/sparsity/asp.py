@@ -28,9 +28,8 @@ from torch import nn
 from lbc.errors import ConfigError
 from lbc.io import read_pt
 from lbc.sparsity.base import SparsityMethod, float_view, stem_and_classifier
-from lbc.sparsity.nm import NMPattern, parse_pattern
+from lbc.sparsity.nm import NMPattern, parse_pattern, topn_mask
 from lbc.sparsity.registry import METHODS
-from lbc.sparsity.srste import topn_mask
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,14 @@
 Every group of M weights owns one learnable score per candidate N-subset (Eq. 8-9). Candidates
 are removed, lowest score first, on the gradual schedule of Eq. 6 between ``t_i`` and ``t_f``;
 the mask keeps every weight that some alive candidate contains (Eq. 8), the forward uses
-``B * W`` (Eq. 7) and the scores learn through the straight-through estimator (Eq. 9).
+``B * W`` (Eq. 7) and the scores learn through the straight-through estimator (Eq. 9-10).
 
 Where the authors' released code differs from the paper, the difference is an option:
-``score_init="released"`` (1 / C(M-1, N-1)), ``rounding="released"`` (floor instead of ceil in
-Eq. 6), ``exponent=4`` with ``t_f`` at 2/3 of the epochs (their DeiT recipe) and
-``score_weight_decay`` (their code decays scores like weights: the default, None, does so too).
-``update_every="step"`` applies Eq. 6 at fractional epochs instead of once per epoch.
+``score_init="released"`` (1 / C(M-1, N-1); Alg. 1 starts every score at 1),
+``rounding="released"`` (floor instead of ceil in Eq. 6), ``exponent=4`` with ``t_f`` at 2/3 of
+the epochs (their DeiT recipe) and ``score_weight_decay`` (their code decays scores like weights:
+the default, None, does so too). ``update_every="step"`` applies Eq. 6 at fractional epochs
+instead of once per epoch.
 
 Not taken from the released code: its per-iteration re-selection by signed-score top-k, in which
 a removed score is set to 0 and momentum can revive it; here removal is final (an ``alive`` set),
@@ -36,6 +37,7 @@ from lbc.sparsity.nm import (
     candidates_containing,
     from_groups,
     parse_pattern,
+    rank_columns,
     to_groups,
 )
 from lbc.sparsity.registry import METHODS
@@ -73,7 +75,7 @@ class _LBCMask(torch.autograd.Function):
         grad_weight = grad_out * mask if ctx.needs_input_grad[0] else None
         grad_scores = None
         if ctx.needs_input_grad[1]:
-            # Eq. 9: dL/dB = W * dL/d(B*W); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
+            # Eq. 9-10: dL/dB = W * dL/d(B*W); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
             grad_scores = candidate_sums(weight * grad_out, ctx.pattern).to(candidates.dtype) * alive
         if ctx.grad_sink is not None:
             ctx.grad_sink.add_(to_groups(weight * grad_out, candidates.shape[1]).abs().to(ctx.grad_sink.dtype))
@@ -122,17 +124,10 @@ def mask_from_alive(alive: torch.Tensor, pattern: NMPattern, shape: torch.Size) 
 def removal_position(values: torch.Tensor) -> torch.Tensor:
     """(G, C) int8: where each candidate comes when a group's values are sorted ascending, ties by index.
 
-    ``C(C-1)/2`` vectorised comparisons of columns (no sort, no loop over groups): for the small
-    C of 2:4 and 1:4 several times faster on CPU than repeated ``argmin`` passes.
+    :func:`~lbc.sparsity.nm.rank_columns` over the C columns (no sort, no loop over groups): for
+    the small C of 2:4 and 1:4 several times faster on CPU than repeated ``argmin`` passes.
     """
-    columns = values.unbind(1)
-    before = [torch.full(columns[0].shape, j, dtype=torch.int8, device=values.device) for j in range(len(columns))]
-    for i in range(len(columns)):
-        for j in range(i + 1, len(columns)):
-            later_first = (columns[j] < columns[i]).view(torch.int8)  # else i (lower index) goes first
-            before[i] += later_first
-            before[j] -= later_first
-    return torch.stack(before, 1)
+    return torch.stack(rank_columns(values.unbind(1)), 1)
 
 
 class LBCParametrization(nn.Module):

@@ -1,7 +1,8 @@
 """SR-STE, "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch" (Zhou et al., 2021).
 
-Every forward keeps the top-N magnitudes of each group (the mask is recomputed each step); the
-backward is dense, straight through the mask, plus the sparse-refined decay of the pruned weights:
+The LBC paper's main baseline (its ref. [40], Sec. 2.2 and Table 1). Every forward keeps the
+top-N magnitudes of each group (the mask is recomputed each step); the backward is dense,
+straight through the mask, plus the sparse-refined decay of the pruned weights:
 ``dL/dW = dL/dW_eff + lambda_w * (1 - mask) * W``.
 
 Data parallel: the decay term is added by the same autograd function on every rank *before*
@@ -19,34 +20,8 @@ from torch import nn
 
 from lbc.errors import ConfigError
 from lbc.sparsity.base import SparsityMethod
-from lbc.sparsity.nm import NMPattern, from_groups, to_groups
+from lbc.sparsity.nm import NMPattern, topn_mask
 from lbc.sparsity.registry import METHODS
-
-
-def topn_mask(weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
-    """Bool mask, weight-shaped, keeping the N largest ``|w|`` of every group; ties keep the lower index.
-
-    For M <= 8 a weight is kept when fewer than N of its group rank ahead of it: M(M-1)/2
-    comparisons over strided views of the weight, vectorised over all groups and without the
-    copies to (G, M), several times faster than ``topk`` on CPU. Larger M uses ``topk`` over (G, M).
-    """
-    magnitude = weight.detach().abs()
-    if pattern.m > 8:
-        groups = to_groups(magnitude, pattern.m)
-        keep = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device)
-        keep.scatter_(1, groups.topk(pattern.n, dim=1).indices, True)
-        return from_groups(keep, weight.shape)
-    columns = magnitude.unflatten(1, (weight.shape[1] // pattern.m, pattern.m)).unbind(2)
-    # ahead[i] = how many of the group rank before weight i (larger, or equal at a lower index).
-    # Each pair is compared once: j > i is ahead of i iff |w_j| > |w_i|, else i is ahead of j.
-    ahead = [torch.full(columns[0].shape, i, dtype=torch.int8, device=weight.device) for i in range(pattern.m)]
-    for i in range(pattern.m):
-        for j in range(i + 1, pattern.m):
-            later_wins = (columns[j] > columns[i]).view(torch.int8)
-            ahead[i] += later_wins
-            ahead[j] -= later_wins
-    kept = [rank < pattern.n for rank in ahead]
-    return torch.stack(kept, 2).flatten(1, 2)
 
 
 class _SRSTEMask(torch.autograd.Function):
@@ -112,7 +87,7 @@ class SRSTE(SparsityMethod):
         return SRSTEParametrization(module.weight, self.pattern, self.lambda_w)
 
     def unit_cost(self, density: float) -> float:
-        """Sparse forward (``density``) and dense backward (2 units): (d + 2) / 3, 0.83 for 2:4."""
+        """Sparse forward (``density``) and dense backward (2 units): (d + 2) / 3, paper Table 1's 0.83x for 2:4."""
         return (density + 2.0) / 3.0
 
     def finalize(self) -> None:

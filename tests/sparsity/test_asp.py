@@ -7,8 +7,7 @@ from torch.ao.pruning import WeightNormSparsifier
 
 import lbc
 from lbc.errors import ConfigError
-from lbc.sparsity.nm import NMPattern, is_nm
-from lbc.sparsity.srste import topn_mask
+from lbc.sparsity.nm import NMPattern, is_nm, topn_mask
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "2:8", "4:8", "1:16"])

@@ -79,3 +79,44 @@ def test_candidate_sums_match_the_incidence_matrix(pattern, shape):
     values = torch.randn(shape, dtype=torch.float64)
     expected = to_groups(values, pattern.m) @ candidate_matrix(pattern).double().T
     torch.testing.assert_close(candidate_sums(values, pattern), expected)
+
+
+@pytest.mark.parametrize("count", [2, 4, 6, 8, 16])
+@pytest.mark.parametrize("descending", [False, True])
+def test_rank_columns_is_a_stable_sort_position(count, descending):
+    from lbc.sparsity.nm import rank_columns
+
+    gen = torch.Generator().manual_seed(count)
+    values = torch.randint(0, 3, (300, count), generator=gen).float()  # many ties
+    values[:, 0] = values[:, 0].masked_fill(values[:, 0] == 2, float("inf"))
+    ranks = rank_columns(values.unbind(1), descending=descending)
+    assert all(r.dtype == torch.int8 for r in ranks)
+    expected = torch.sort(values, dim=1, stable=True, descending=descending).indices.argsort(dim=1)
+    assert torch.equal(torch.stack(ranks, 1).long(), expected)
+
+
+def _reference_topn(weight, pattern):
+    """Top-N |w| per group by a stable descending sort: ties keep the lower index."""
+    groups = to_groups(weight.abs(), pattern.m)
+    order = torch.sort(groups, dim=1, stable=True, descending=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order[:, : pattern.n], True)
+    return from_groups(keep, weight.shape)
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(1, 4), NMPattern(3, 4), NMPattern(2, 8),
+                                     NMPattern(4, 8), NMPattern(1, 16), NMPattern(4, 16)])
+@pytest.mark.parametrize("shape", [(6, 16), (4, 16, 3, 2)])
+def test_topn_mask_keeps_the_n_largest_magnitudes(pattern, shape):
+    from lbc.sparsity.nm import topn_mask
+
+    gen = torch.Generator().manual_seed(pattern.m)
+    smooth = torch.randn(shape, generator=gen)
+    mask = topn_mask(smooth, pattern)
+    assert mask.dtype == torch.bool and mask.shape == smooth.shape
+    assert torch.equal(mask, _reference_topn(smooth, pattern))
+    assert (to_groups(mask, pattern.m).sum(1) == pattern.n).all()
+    tied = torch.randint(-2, 3, shape, generator=gen).float()  # equal |w| and signed pairs
+    mask = topn_mask(tied, pattern)
+    assert (to_groups(mask, pattern.m).sum(1) == pattern.n).all()
+    if pattern.m <= 8:  # the ranked path: ties keep the lower index (topk beyond: unspecified)
+        assert torch.equal(mask, _reference_topn(tied, pattern))

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torchvision
 from torch import nn
+from torch.nn.utils import parametrize
 
+import lbc
 from lbc.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +27,19 @@ def test_hand_counted_model():
     assert totals["flops_sparse"] == 768 + 2048 + 2560
 
 
+def test_summary_attaches_nothing_and_reads_a_sparsified_model_too():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1), nn.Flatten(), nn.Linear(256, 16), nn.Linear(16, 10))
+    rows = summarize(model, "2:4", input_size=(3, 4, 4), exclude="3")["rows"]  # one glob, as a string
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert [r["density"] for r in rows] == [1.0, 0.5, 1.0, 0.5]  # "3" excluded, the classifier "4" not
+    assert rows[2]["note"] == "excluded by '3'" and "divisible" in rows[0]["note"]
+    plain = summarize(model, "2:4", input_size=(3, 4, 4))["totals"]
+    lbc.sparsify(model, method="lbc", pattern="2:4", t_f=1)
+    again = summarize(model, "2:4", input_size=(3, 4, 4))
+    assert [r["density"] for r in again["rows"]] == [1.0, 0.5, 0.5, 1.0]  # defaults: the classifier dense
+    assert again["totals"] == plain  # LBC's scores are not the model's parameters
+
+
 def test_resnet50_1_16_matches_table_4():
     totals = summarize(torchvision.models.resnet50(), "1:16")["totals"]
     assert round(totals["params_nonzero"] / 1e6, 2) == 3.52  # Table 4: LBC 1:16, 3.52M parameters
@@ -31,6 +47,7 @@ def test_resnet50_1_16_matches_table_4():
     assert totals["flops_sparse"] < totals["flops_dense"] / 8
 
 
+@pytest.mark.slow
 def test_cli_prints_a_table_and_a_json_last_line():
     run = [sys.executable, "tools/summary.py", "--model", "resnet_small", "--num-classes", "10",
            "--image-size", "32", "--pattern", "1:4"]

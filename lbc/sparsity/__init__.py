@@ -12,8 +12,9 @@ from lbc.sparsity import asp, dense, lbc, srste  # noqa: F401  (registers the me
 from lbc.sparsity.base import SparsityMethod
 from lbc.sparsity.nm import NMPattern, parse_pattern
 from lbc.sparsity.registry import METHODS
+from lbc.sparsity.selection import LayerSelection, select_layers
 
-__all__ = ["METHODS", "NMPattern", "SparsityMethod", "parse_pattern", "sparsify"]
+__all__ = ["METHODS", "LayerSelection", "NMPattern", "SparsityMethod", "parse_pattern", "select_layers", "sparsify"]
 
 
 def sparsify(model: nn.Module, method: str = "lbc", **options: Any) -> SparsityMethod:

@@ -27,9 +27,10 @@ from torch import nn
 
 from lbc.errors import ConfigError
 from lbc.io import read_pt
-from lbc.sparsity.base import SparsityMethod, float_view, stem_and_classifier
+from lbc.sparsity.base import SparsityMethod, float_view
 from lbc.sparsity.nm import NMPattern, parse_pattern, topn_mask
 from lbc.sparsity.registry import METHODS
+from lbc.sparsity.selection import stem_and_classifier
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ASP(SparsityMethod):
         init_from: str | None = None,
         prune_classifier: bool = False,
         apex_dims: bool = False,
-        exclude: list[str] | None = None,
+        exclude: str | list[str] | None = None,
         **common: Any,
     ) -> None:
         for key, value in (("dense_epochs", dense_epochs), ("finetune_epochs", finetune_epochs)):

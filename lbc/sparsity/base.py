@@ -13,7 +13,6 @@ The trainer (and any other loop, e.g. MMDetection hooks) talks to a method only 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Iterable
 from typing import Any, ClassVar
@@ -23,40 +22,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lbc.errors import ConfigError
-from lbc.sparsity.nm import NMPattern, eligibility, is_nm, parse_pattern
+from lbc.sparsity.nm import NMPattern, is_nm, parse_pattern
+from lbc.sparsity.selection import select_layers
 
 log = logging.getLogger(__name__)
 
 _ORIGINAL = "parametrizations.weight.original"
-
-
-def stem_and_classifier(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the model's stem and classifier layers (the paper keeps both dense).
-
-    timm models name them in ``pretrained_cfg`` (``first_conv``, ``classifier``); otherwise the
-    stem is the first Conv2d/Linear in module order and the classifier the last Linear.
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    named = [[v] if isinstance(v, str) else list(v) if v else [] for v in (cfg.get("first_conv"), cfg.get("classifier"))]
-    if any(named):
-        return named[0], named[1]
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    stem = [layers[0][0]] if layers else []
-    linears = [n for n, m in layers if isinstance(m, nn.Linear)]
-    return stem, [n for n in linears[-1:] if n not in stem]
-
-
-def default_dense_layers(model: nn.Module) -> list[str]:
-    """Layers kept dense by default (SPEC: stem and classifier; DeiT: patch embedding and head)."""
-    stem, classifier = stem_and_classifier(model)
-    return stem + classifier
-
-
-def _matches(name: str, patterns: Iterable[str]) -> str | None:
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*"):
-            return pattern
-    return None
 
 
 def _save_dense_key(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -107,10 +78,11 @@ def float_view(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor
 
 
 class SparsityMethod:
-    """Base class: layer selection, attach/detach, masks, figures and the FLOPs bookkeeping.
+    """Base class: attach/detach, masks, figures and the FLOPs bookkeeping.
 
     Subclasses set ``name``, return a parametrisation from :meth:`parametrization` (or None to
     leave a layer untouched) and may override :meth:`update`, :meth:`unit_cost` and friends.
+    Layers are chosen by :func:`~lbc.sparsity.selection.select_layers`.
     """
 
     name: ClassVar[str] = "base"
@@ -119,7 +91,7 @@ class SparsityMethod:
         self,
         model: nn.Module,
         pattern: str | NMPattern = "2:4",
-        exclude: list[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
         strict: bool = False,
         input_size: tuple[int, ...] | list[int] | None = None,
     ) -> None:
@@ -131,23 +103,10 @@ class SparsityMethod:
                               "attached): call .detach() on that method before attaching another")
         self.model = model
         self.pattern = parse_pattern(pattern)
-        self.exclude = list(default_dense_layers(model) if exclude is None else exclude)
-        self.layers: dict[str, nn.Module] = {}
-        self.dense_reasons: dict[str, str] = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, (nn.Conv2d, nn.Linear)):
-                continue
-            hit = _matches(name, self.exclude)
-            why = f"excluded by {hit!r}" if hit else eligibility(module, self.pattern)
-            if why is None:
-                self.layers[name] = module
-            else:
-                self.dense_reasons[name] = why
-        if strict:
-            bad = {n: r for n, r in self.dense_reasons.items() if not r.startswith("excluded")}
-            if bad:
-                name, why = next(iter(bad.items()))
-                raise ConfigError(f"sparsity.strict=true but layer {name!r} cannot be {self.pattern}: {why}")
+        selection = select_layers(model, self.pattern, exclude, strict)
+        self.exclude = selection.exclude
+        self.layers: dict[str, nn.Module] = selection.layers
+        self.dense_reasons: dict[str, str] = selection.dense_reasons
         # The cost of a layer in the training-FLOPs figure: its multiply-accumulates for one input
         # of ``input_size`` (as the paper counts), or its weight count when no size is known.
         all_layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -255,7 +214,7 @@ class SparsityMethod:
         return out
 
     def step_cost(self, densities: dict[str, float] | None = None) -> float:
-        """Training FLOPs of one step relative to the dense model (SPEC "Training FLOPs")."""
+        """Training FLOPs of one step relative to the dense model (paper Table 1, "FLOPs (Train)")."""
         densities = self.densities() if densities is None else densities
         total = sum(self.layer_cost.values()) or 1.0
         return sum(c * self.unit_cost(densities[n]) for n, c in self.layer_cost.items()) / total

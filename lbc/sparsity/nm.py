@@ -181,10 +181,13 @@ def is_nm(tensor: torch.Tensor, pattern: NMPattern) -> bool:
 
 
 def eligibility(module: nn.Module, pattern: NMPattern) -> str | None:
-    """Why ``module`` cannot be made N:M, or None when it can (Conv2d/Linear, I divisible by M)."""
+    """Why ``module`` cannot be made N:M, or None when it can (Conv2d/Linear, I divisible by M).
+
+    Reads the layer's sizes, not its weight: no parametrisation's forward runs.
+    """
     if not isinstance(module, (nn.Conv2d, nn.Linear)):
         return f"{type(module).__name__} is not Conv2d or Linear"
-    width = input_dim(module.weight.shape)
+    width = module.in_features if isinstance(module, nn.Linear) else module.in_channels // module.groups
     if width % pattern.m:
         return f"input dimension {width} is not divisible by M={pattern.m}"
     return None

@@ -1,53 +1,15 @@
-"""Layer selection (defaults, globs, strict), the dense-key mapping and the cached float masks."""
+"""The attach machinery: one method at a time, the cached float masks (layer selection: test_selection.py)."""
 
 import copy
 
 import pytest
-import timm
 import torch
 import torchvision
 from torch import nn
 
 import lbc
 from lbc.errors import ConfigError
-from lbc.sparsity.base import default_dense_layers, float_view
-
-
-def test_resnet_defaults_keep_stem_and_classifier_dense():
-    model = torchvision.models.resnet18()
-    sp = lbc.sparsify(model, method="dense", pattern="2:4")
-    assert default_dense_layers(model) == ["conv1", "fc"]
-    assert set(sp.dense_reasons) == {"conv1", "fc"}
-    assert "layer1.0.conv1" in sp.layers and "layer2.0.downsample.0" in sp.layers
-    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert len(sp.layers) == len(convs) - 2
-
-
-def test_timm_deit_defaults_come_from_its_pretrained_cfg():
-    model = timm.create_model("deit_small_patch16_224", pretrained=False, depth=1, img_size=32)
-    sp = lbc.sparsify(model, method="dense", pattern="2:4")
-    assert set(sp.dense_reasons) == {"patch_embed.proj", "head"}
-    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"} == set(sp.layers)
-
-
-def test_exclude_globs_and_report_reasons():
-    model = torchvision.models.resnet18()
-    sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_f=2, exclude=["conv1", "fc", "layer4.*"])
-    assert not any(name.startswith("layer4") for name in sp.layers)
-    rows = {row["name"]: row for row in sp.report()["layers"]}
-    assert rows["layer4.1.conv2"]["dense_reason"] == "excluded by 'layer4.*'"
-    assert rows["layer4.1.conv2"]["density"] == 1.0 and "nm" in rows["layer3.1.conv2"]
-
-
-def test_ineligible_layers_are_dense_with_a_reason_or_an_error_when_strict():
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 8, 3), nn.Flatten(), nn.Linear(8, 6), nn.Linear(6, 2))
-    sp = lbc.sparsify(model, method="dense", pattern="2:4", exclude=[])
-    assert set(sp.layers) == {"1", "3"}
-    assert "input dimension 3 is not divisible by M=4" in sp.dense_reasons["0"]
-    with pytest.raises(ConfigError, match=r"sparsity.strict.*'0'.*divisible") as err:
-        lbc.sparsify(nn.Sequential(*copy.deepcopy(list(model))), method="dense", pattern="2:4", exclude=[],
-                     strict=True)
-    assert "\n" not in str(err.value)
+from lbc.sparsity.base import float_view
 
 
 def test_float_view_follows_in_place_changes_and_copies():

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lbc.errors import ConfigError
+from lbc.flops import TrainingFlops, layer_costs
 from lbc.sparsity.nm import NMPattern, is_nm, parse_pattern
 from lbc.sparsity.selection import select_layers
 
@@ -78,11 +79,12 @@ def float_view(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor
 
 
 class SparsityMethod:
-    """Base class: attach/detach, masks, figures and the FLOPs bookkeeping.
+    """Base class: attach/detach, masks, figures; layer selection and FLOPs are delegated.
 
     Subclasses set ``name``, return a parametrisation from :meth:`parametrization` (or None to
     leave a layer untouched) and may override :meth:`update`, :meth:`unit_cost` and friends.
-    Layers are chosen by :func:`~lbc.sparsity.selection.select_layers`.
+    Layers are chosen by :func:`~lbc.sparsity.selection.select_layers`; the training-FLOPs
+    figures are kept by a :class:`~lbc.flops.TrainingFlops` meter (``self.flops``).
     """
 
     name: ClassVar[str] = "base"
@@ -95,8 +97,6 @@ class SparsityMethod:
         strict: bool = False,
         input_size: tuple[int, ...] | list[int] | None = None,
     ) -> None:
-        from lbc.flops import layer_macs  # local: flops imports nothing from here, keeps import light
-
         taken = next((n for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")), None)
         if taken is not None:
             raise ConfigError(f"layer {taken!r} already has a reparametrised weight (a sparsity method is "
@@ -107,18 +107,14 @@ class SparsityMethod:
         self.exclude = selection.exclude
         self.layers: dict[str, nn.Module] = selection.layers
         self.dense_reasons: dict[str, str] = selection.dense_reasons
-        # The cost of a layer in the training-FLOPs figure: its multiply-accumulates for one input
-        # of ``input_size`` (as the paper counts), or its weight count when no size is known.
-        all_layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-        macs = layer_macs(model, tuple(input_size)) if input_size else {}
-        self.layer_cost = {n: float(macs.get(n, 0) or m.weight.numel()) for n, m in all_layers.items()}
+        self.flops = TrainingFlops(layer_costs(model, input_size), self.unit_cost)
         self._handles: list[Any] = []
         for name, module in self.layers.items():
             parametrization = self.parametrization(name, module)
             if parametrization is not None:
                 self._handles += attach_parametrization(module, parametrization)
         self.epoch = 0.0
-        self._cost_timeline: list[tuple[float, float]] = [(0.0, self.step_cost())]
+        self.flops.record(0.0, self.densities())
 
     # --- what a method supplies -------------------------------------------------------------
     def parametrization(self, name: str, module: nn.Module) -> nn.Module | None:
@@ -177,13 +173,11 @@ class SparsityMethod:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Schedule bookkeeping; per-layer tensors (masks, scores) live in the model's state dict."""
-        return {
-            "method": self.name,
-            "pattern": str(self.pattern),
-            "epoch": self.epoch,
-            "cost_timeline": list(self._cost_timeline),
-        }
+        """Schedule bookkeeping; per-layer tensors (masks, scores) live in the model's state dict.
+
+        Keys: ``method``, ``pattern``, ``epoch``, ``cost_timeline`` and each method's extras.
+        """
+        return {"method": self.name, "pattern": str(self.pattern), "epoch": self.epoch, **self.flops.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.name or state.get("pattern") != str(self.pattern):
@@ -192,7 +186,7 @@ class SparsityMethod:
                 f"not {self.name} {self.pattern}: use the same sparsity config to resume"
             )
         self.epoch = float(state["epoch"])
-        self._cost_timeline = [tuple(x) for x in state["cost_timeline"]]
+        self.flops.load_state_dict(state)
 
     def detach(self) -> None:
         """Remove the reparametrisations, leaving each weight as its masked value ``B * W``."""
@@ -215,28 +209,20 @@ class SparsityMethod:
 
     def step_cost(self, densities: dict[str, float] | None = None) -> float:
         """Training FLOPs of one step relative to the dense model (paper Table 1, "FLOPs (Train)")."""
-        densities = self.densities() if densities is None else densities
-        total = sum(self.layer_cost.values()) or 1.0
-        return sum(c * self.unit_cost(densities[n]) for n, c in self.layer_cost.items()) / total
+        return self.flops.step_cost(self.densities() if densities is None else densities)
 
     def _record_cost(self) -> None:
         """Note that the step cost changed at ``self.epoch`` (call after a mask change)."""
-        cost = self.step_cost()
-        if self._cost_timeline and self._cost_timeline[-1][0] >= self.epoch:
-            self._cost_timeline[-1] = (self.epoch, cost)
-        else:
-            self._cost_timeline.append((self.epoch, cost))
+        self.flops.record(self.epoch, self.densities())
 
     def train_flops_ratio(self, epoch: float | None = None) -> float:
         """Training FLOPs from epoch 0 to ``epoch`` over the dense model's, the cost integrated in time."""
-        end = self.epoch if epoch is None else epoch
-        if end <= 0:
-            return self._cost_timeline[0][1]
-        spent = 0.0
-        for i, (start, cost) in enumerate(self._cost_timeline):
-            stop = self._cost_timeline[i + 1][0] if i + 1 < len(self._cost_timeline) else end
-            spent += cost * max(0.0, min(stop, end) - start)
-        return spent / end
+        return self.flops.train_flops_ratio(self.epoch if epoch is None else epoch)
+
+    @property
+    def layer_cost(self) -> dict[str, float]:
+        """Dense cost of every Conv2d/Linear layer (MACs, or weight counts without ``input_size``)."""
+        return self.flops.layer_cost
 
     def is_exact_nm(self) -> bool:
         """Every selected layer's effective weight (mask) is N:M."""

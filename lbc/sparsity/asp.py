@@ -1,7 +1,12 @@
 """ASP, NVIDIA apex automatic sparsity: dense training, one-shot magnitude pruning, masked fine-tuning.
 
-The model trains dense for ``dense_epochs``; :meth:`ASP.update` then prunes once to N:M (every
-group keeps its N largest ``|w|``) and the mask stays fixed for ``finetune_epochs``.
+The paper's ASP rows (Sec. 4.2, Table 1): pre-train dense, prune, re-train. The model trains dense
+for ``dense_epochs``; the first :meth:`ASP.update` at or after that epoch prunes once to N:M (every
+group keeps its N largest ``|w|``) and the mask stays fixed for ``finetune_epochs`` (None: the rest
+of the schedule). The prune waits for ``update`` rather than happening in the constructor, so a
+loop may load real weights after attaching (MMDetection does); ``dense_epochs=0`` prunes at
+``update(0)``, before the first step. To start from a dense run's weights, load them with
+:func:`lbc.io.load_model_weights` before attaching and set ``dense_epochs=0``: ASP reads no files.
 
 Guarantee for pruned positions: the *effective* weight (what the forward uses, what
 ``layer.weight`` returns, what :meth:`detach` leaves) is exactly zero after the prune, whatever the
@@ -9,7 +14,8 @@ optimizer does, because the forward multiplies by the mask and the weight gradie
 The *stored* weight is zeroed at the prune and again on every :meth:`update` and at
 :meth:`finalize`; between two ``update`` calls only optimizer state carried over from the dense
 phase (momentum, Adam moments) can move it, never gradients or (coupled or decoupled) weight decay.
-With ``init_from`` the prune happens before the optimizer exists, so stored zeros stay zero.
+With ``dense_epochs=0`` there is no such state (the prune precedes the first step), so stored zeros
+stay zero.
 
 apex defaults that differ are options: ``prune_classifier`` (apex prunes it) and ``apex_dims``
 (apex skips layers whose output dim is not a multiple of 8 or input dim not a multiple of 16).
@@ -26,7 +32,6 @@ import torch
 from torch import nn
 
 from lbc.errors import ConfigError
-from lbc.io import read_pt
 from lbc.sparsity.base import SparsityMethod, float_view
 from lbc.sparsity.nm import NMPattern, parse_pattern, topn_mask
 from lbc.sparsity.registry import METHODS
@@ -60,22 +65,6 @@ class ASPParametrization(nn.Module):
         return _FixedMask.apply(weight, float_view(self, "mask", weight.dtype))
 
 
-def load_init(model: nn.Module, path: str) -> None:
-    """Load a dense checkpoint (``{"model": state_dict}`` or a plain state dict) into ``model``."""
-    state = read_pt(path, "sparsity.init_from")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ConfigError(f"sparsity.init_from={path!r} holds no state dict (expected a 'model' entry or a state dict)")
-    # Dense weights only: a method's own state (masks, scores) of the earlier run is not ours.
-    state = {k.removeprefix("module."): v for k, v in state.items() if ".parametrizations." not in k}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ConfigError(f"sparsity.init_from={path!r} does not fit the model: {first[1].strip() if len(first) > 1 else first[0]}") from None
-
-
 @METHODS.register("asp")
 class ASP(SparsityMethod):
     """Dense for ``dense_epochs``, one-shot magnitude prune to N:M, masked fine-tuning (apex ASP)."""
@@ -87,27 +76,23 @@ class ASP(SparsityMethod):
         model: nn.Module,
         pattern: str | NMPattern = "2:4",
         dense_epochs: int = 0,
-        finetune_epochs: int = 0,
-        init_from: str | None = None,
+        finetune_epochs: float | None = None,
         prune_classifier: bool = False,
         apex_dims: bool = False,
         exclude: str | list[str] | None = None,
         **common: Any,
     ) -> None:
         for key, value in (("dense_epochs", dense_epochs), ("finetune_epochs", finetune_epochs)):
+            if value is None and key == "finetune_epochs":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"sparsity.{key}={value!r}; need a non-negative number of epochs")
-        if init_from:
-            load_init(model, init_from)  # before attaching: plain keys, no mask buffers expected
-            if dense_epochs:
-                log.info("asp: init_from=%s given, so dense_epochs=%s becomes 0 (prune now)", init_from, dense_epochs)
-            dense_epochs = 0
+                raise ConfigError(f"sparsity.{key}={value!r}; need a non-negative number of epochs"
+                                  + (" or null (the rest of the schedule)" if key == "finetune_epochs" else ""))
         if not float(dense_epochs).is_integer():
             raise ConfigError(f"sparsity.dense_epochs={dense_epochs!r}; need a whole number of epochs "
                               "(the dense hand-off checkpoint dense.pt is written at an epoch's end)")
-        dense_epochs = int(dense_epochs)
-        self.dense_epochs, self.finetune_epochs = dense_epochs, finetune_epochs
-        self.init_from, self.prune_classifier, self.apex_dims = init_from, prune_classifier, apex_dims
+        self.dense_epochs, self.finetune_epochs = int(dense_epochs), finetune_epochs
+        self.prune_classifier, self.apex_dims = prune_classifier, apex_dims
         if exclude is None and prune_classifier:
             exclude = stem_and_classifier(model)[0]  # apex prunes the classifier too
         self.pruned = False
@@ -116,8 +101,6 @@ class ASP(SparsityMethod):
         for name, why in self._apex_skipped.items():
             del self.layers[name]
             self.dense_reasons[name] = why
-        if self.dense_epochs == 0:
-            self.prune()
 
     def parametrization(self, name: str, module: nn.Module) -> nn.Module | None:
         out, inp = module.weight.shape[:2]
@@ -145,7 +128,7 @@ class ASP(SparsityMethod):
             weight.mul_(float_view(state, "mask", weight.dtype))  # ~20x faster than masked_fill_ on CPU
 
     def update(self, epoch: float) -> None:
-        """Prune once when ``epoch`` reaches ``dense_epochs`` (idempotent); keep stored pruned weights at 0."""
+        """Prune at the first call with ``epoch >= dense_epochs`` (once); then keep stored pruned weights at 0."""
         self.epoch = float(epoch)
         if not self.pruned and self.epoch >= self.dense_epochs:
             self.prune()
@@ -156,19 +139,20 @@ class ASP(SparsityMethod):
         """Keep the dense hand-off checkpoint (``dense.pt``) when there is a dense phase."""
         return {"dense": self.dense_epochs} if self.dense_epochs > 0 else {}
 
-    def phases(self) -> list[tuple[str, int]]:
-        """Named training phases in order, for a trainer that restarts the lr schedule per phase."""
-        out = [("dense", self.dense_epochs)] if self.dense_epochs > 0 else []
+    def phases(self) -> list[tuple[str, float | None]]:
+        """``dense`` (when ``dense_epochs`` > 0) then ``finetune``; None as its length: the rest of the schedule."""
+        out: list[tuple[str, float | None]] = [("dense", self.dense_epochs)] if self.dense_epochs > 0 else []
         return out + [("finetune", self.finetune_epochs)]
 
     def finalize(self) -> None:
-        if self.pruned:
-            self._zero_pruned()
-        if self.epoch >= self.dense_epochs and not self.is_exact_nm():
-            raise RuntimeError(f"asp: training passed the prune at epoch {self.dense_epochs} but is not exactly {self.pattern}")
+        """Zero the stored pruned weights once more; raise if the pruned model is not N:M."""
         if not self.pruned:
             log.warning("asp: training ended at epoch %.2f before the prune at %g: the model is dense",
                         self.epoch, self.dense_epochs)
+            return
+        self._zero_pruned()
+        if not self.is_exact_nm():
+            raise RuntimeError(f"asp: training passed the prune at epoch {self.dense_epochs} but is not exactly {self.pattern}")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pruned": self.pruned, "dense_epochs": self.dense_epochs}

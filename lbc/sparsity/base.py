@@ -153,10 +153,12 @@ class SparsityMethod:
         """Checkpoints worth keeping by name: ``{name: epoch}`` (the state after that many epochs)."""
         return {}
 
-    def phases(self) -> list[tuple[str, float]]:
+    def phases(self) -> list[tuple[str, float | None]]:
         """Named training phases in epochs, each with its own lr schedule (ASP: dense, finetune).
 
-        Empty: one phase spanning the whole schedule. When given, they must add up to its epochs.
+        Empty: one phase spanning the whole schedule. When given, they must add up to its epochs;
+        the last phase's length may be None, meaning "the rest of the schedule": the trainer fills
+        it in (schedule epochs minus the other phases).
         """
         return []
 

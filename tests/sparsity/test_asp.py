@@ -7,6 +7,7 @@ from torch.ao.pruning import WeightNormSparsifier
 
 import lbc
 from lbc.errors import ConfigError
+from lbc.io import load_model_weights
 from lbc.sparsity.nm import NMPattern, is_nm, topn_mask
 
 
@@ -28,6 +29,7 @@ def test_magnitude_mask_equals_weight_norm_sparsifier(pattern, seed):
     with torch.no_grad():
         layer.weight.copy_(weights[0])
     sp = lbc.sparsify(layer, method="asp", pattern=pattern, exclude=[], dense_epochs=0)
+    sp.update(0)
     assert torch.equal(layer.parametrizations.weight[0].mask, reference)
     assert sp.is_exact_nm()
 
@@ -92,15 +94,49 @@ def test_pruned_weights_stay_zero_through_momentum_and_weight_decay(optim):
     assert is_nm(model.conv.weight, NMPattern(2, 4)) and is_nm(model.fc.weight, NMPattern(2, 4))
 
 
-def test_prune_at_start_keeps_stored_zeros_without_any_update_call():
+def test_dense_epochs_0_is_dense_until_update_0_then_exactly_nm():
     torch.manual_seed(0)
     model = Net()
-    lbc.sparsify(model, method="asp", pattern="2:4", exclude=[], dense_epochs=0, finetune_epochs=1)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    sp = lbc.sparsify(model, method="asp", pattern="2:4", exclude=[], dense_epochs=0, finetune_epochs=1)
+    assert not sp.pruned and sp.masks()["conv.weight"].all() and not sp.is_exact_nm()
+    assert torch.equal(model.conv.weight, dense["conv.weight"])  # the constructor prunes nothing
+    sp.update(0)
+    assert sp.pruned and sp.is_exact_nm() and sp.report()["scalars"]["exact_nm"] == 1.0
+    for layer in (model.conv, model.fc):
+        kept = layer.parametrizations.weight[0].mask
+        assert torch.equal(kept, topn_mask(dense[f"{'conv' if layer is model.conv else 'fc'}.weight"], NMPattern(2, 4)))
+        assert (layer.parametrizations.weight.original[~kept] == 0).all()
+    assert sp.state_dict()["cost_timeline"] == [(0.0, 0.5)]  # sparse from the first step on
+
+
+def test_prune_at_update_0_keeps_stored_zeros_with_no_further_update_call():
+    """No optimizer state exists before the first step, so nothing can move a stored zero."""
+    torch.manual_seed(0)
+    model = Net()
+    sp = lbc.sparsify(model, method="asp", pattern="2:4", exclude=[], dense_epochs=0, finetune_epochs=1)
+    sp.update(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     _steps(model, opt, 30, seed=0)
     for layer in (model.conv, model.fc):
+        assert _pruned(layer).sum() == layer.weight.numel() // 2
         assert (layer.parametrizations.weight.original[_pruned(layer)] == 0).all()
         assert (layer.weight[_pruned(layer)] == 0).all()
+
+
+def test_weights_loaded_after_attaching_are_the_ones_pruned():
+    """MMDetection loads a checkpoint after the model (and its method) are built: the prune must wait."""
+    torch.manual_seed(0)
+    trained = Net()
+    torch.manual_seed(1)
+    model = Net()
+    sp = lbc.sparsify(model, method="asp", pattern="2:4", exclude=[], dense_epochs=0)
+    # as mmengine's load_checkpoint does (strict=False): plain keys reach the dense weights
+    missing, unexpected = model.load_state_dict(trained.state_dict(), strict=False)
+    assert all(k.endswith(".mask") for k in missing) and not unexpected
+    sp.update(0)
+    expected = trained.conv.weight.detach() * topn_mask(trained.conv.weight.detach(), NMPattern(2, 4))
+    assert torch.equal(model.conv.weight, expected)
 
 
 def test_update_prunes_once_and_records_the_cost():
@@ -122,26 +158,60 @@ def test_update_prunes_once_and_records_the_cost():
     assert state["pruned"] is True
 
 
-def test_init_from_loads_weights_and_prunes_at_epoch_0(tmp_path):
+def test_finetune_epochs_default_none_is_the_rest_of_the_schedule():
+    sp = lbc.sparsify(Net(), method="asp", exclude=[], dense_epochs=3)
+    assert sp.finetune_epochs is None
+    assert sp.phases() == [("dense", 3), ("finetune", None)]
+    assert lbc.sparsify(Net(), method="asp", exclude=[], dense_epochs=0).phases() == [("finetune", None)]
+    with pytest.raises(ConfigError, match="sparsity.finetune_epochs=-1"):
+        lbc.sparsify(Net(), method="asp", finetune_epochs=-1)
+    with pytest.raises(ConfigError, match="sparsity.dense_epochs=1.5"):
+        lbc.sparsify(Net(), method="asp", dense_epochs=1.5)
+
+
+def test_init_from_is_gone():
+    with pytest.raises(ConfigError, match="sparsity.init_from is not an option of method 'asp'"):
+        lbc.sparsify(Net(), method="asp", init_from="dense.pt")
+
+
+def test_start_from_a_dense_checkpoint_load_then_sparsify(tmp_path):
+    """The hand-off: lbc.io.load_model_weights, then ASP with dense_epochs=0 prunes those weights."""
     torch.manual_seed(0)
     dense = Net()
     torch.save({"model": dense.state_dict(), "epoch": 3}, tmp_path / "dense.pt")
     torch.manual_seed(1)
     model = Net()
-    sp = lbc.sparsify(model, method="asp", pattern="2:4", exclude=[], dense_epochs=5, finetune_epochs=4,
-                      init_from=str(tmp_path / "dense.pt"))
-    assert sp.dense_epochs == 0 and sp.pruned and sp.is_exact_nm()
+    load_model_weights(model, tmp_path / "dense.pt", "trainer.init_from")
+    sp = lbc.sparsify(model, method="asp", pattern="2:4", exclude=[], dense_epochs=0, finetune_epochs=4)
+    sp.update(0)
+    assert sp.pruned and sp.is_exact_nm()
     assert sp.milestones() == {} and sp.phases() == [("finetune", 4)]
     expected = dense.conv.weight.detach() * topn_mask(dense.conv.weight.detach(), NMPattern(2, 4))
     assert torch.equal(model.conv.weight, expected)
+
+
+def test_load_model_weights_formats_and_one_line_errors(tmp_path):
+    torch.manual_seed(0)
+    dense = Net()
+    # an earlier sparse run's checkpoint: DDP prefixes and the method's own tensors (masks) are dropped
+    sparse = Net()
+    sp = lbc.sparsify(sparse, method="asp", exclude=[], dense_epochs=0)
+    sp.update(0)
+    torch.save({"model": {f"module.{k}": v for k, v in sparse.state_dict().items()}}, tmp_path / "ddp.pt")
+    model = Net()
+    load_model_weights(model, tmp_path / "ddp.pt", "trainer.init_from")
+    assert torch.equal(model.conv.weight, sparse.conv.weight.detach())
     torch.save(dense.state_dict(), tmp_path / "plain.pt")  # a plain state dict works too
-    lbc.sparsify(Net(), method="asp", exclude=[], init_from=str(tmp_path / "plain.pt"))
-    with pytest.raises(ConfigError, match="sparsity.init_from"):
-        lbc.sparsify(Net(), method="asp", init_from=str(tmp_path / "missing.pt"))
+    load_model_weights(model, str(tmp_path / "plain.pt"), "trainer.init_from")
+    assert torch.equal(model.fc.weight, dense.fc.weight)
+    torch.save([1, 2], tmp_path / "list.pt")
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "shape.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="sparsity.init_from.*not a readable checkpoint") as err:
-        lbc.sparsify(Net(), method="asp", init_from=str(tmp_path / "broken.pt"))
-    assert "\n" not in str(err.value)
+    for name, message in (("missing.pt", "no such checkpoint file"), ("broken.pt", "not a readable checkpoint"),
+                          ("list.pt", "holds no state dict"), ("shape.pt", "does not fit the model")):
+        with pytest.raises(ConfigError, match=f"^my.key='.*{name}'.*{message}") as err:
+            load_model_weights(Net(), tmp_path / name, "my.key")
+        assert "\n" not in str(err.value)
 
 
 def _apex_net(hidden=16):
@@ -159,6 +229,7 @@ def test_apex_defaults_as_options():
     assert "apex_dims" in sp.dense_reasons["2"] and "apex_dims" in sp.dense_reasons["3"]
     sp = lbc.sparsify(_apex_net(hidden=32), method="asp", dense_epochs=0, apex_dims=True, prune_classifier=True)
     assert set(sp.layers) == {"2", "3"}  # the classifier's 10 outputs are not a multiple of 8
+    sp.update(0)
     assert sp.is_exact_nm() and "4" in sp.dense_reasons
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,11 @@ def sh(*cmd: str | Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", out, ROOT, cwd=out)
+    out, src = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("src") / "lbc"
+    # build from a copy: setuptools leaves build/ beside the sources, and a stale one could ship old files
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "outputs", "multirun", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, src, ignore=skip, symlinks=True)
+    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", out, src, cwd=out)
     (found,) = out.glob("lbc-*.whl")
     return found
 

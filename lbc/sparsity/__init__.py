@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -11,26 +12,34 @@ from lbc.errors import ConfigError
 from lbc.sparsity import asp, dense, lbc, srste  # noqa: F401  (registers the methods)
 from lbc.sparsity.base import SparsityMethod
 from lbc.sparsity.nm import NMPattern, parse_pattern
+from lbc.sparsity.options import OPTIONS, check_options
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.selection import LayerSelection, select_layers
 
 __all__ = ["METHODS", "LayerSelection", "NMPattern", "SparsityMethod", "parse_pattern", "select_layers", "sparsify"]
 
 
-def sparsify(model: nn.Module, method: str = "lbc", **options: Any) -> SparsityMethod:
+def sparsify(
+    model: nn.Module, method: str = "lbc", *, input_size: Sequence[int] | None = None, **options: Any
+) -> SparsityMethod:
     """Attach sparsity ``method`` to ``model`` in place and return the method object.
 
-    ``options`` are the method's keywords (``pattern``, ``exclude``, ``t_i``, ``t_f``, ...); an
-    unknown one is a one-line ConfigError naming ``sparsity.<key>`` and the allowed keys.
+    ``options`` are the method's keywords (``pattern``, ``exclude``, ``t_i``, ``t_f``, ...), checked
+    against its options dataclass (``lbc.sparsity.options``, the same schema the config uses): an
+    unknown key or a bad value is a one-line ConfigError naming ``sparsity.<key>``. ``input_size``
+    (C, H, W) weights the training-FLOPs figures by each layer's MACs.
     """
     cls = METHODS.get(method, key="sparsity.method")
-    allowed = _keywords(cls)
-    for key in options:
-        if key not in allowed:
-            raise ConfigError(
-                f"sparsity.{key} is not an option of method {method!r}; allowed: {', '.join(sorted(allowed))}"
-            )
-    return cls(model, **options)
+    if method in OPTIONS:
+        checked = check_options(method, options)
+    else:  # a method registered without an options dataclass: its constructor's keywords
+        allowed = _keywords(cls)
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ConfigError(f"sparsity.{unknown[0]} is not an option of method {method!r}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+        checked = options
+    return cls(model, **checked, input_size=input_size)
 
 
 def _keywords(cls: type) -> set[str]:
@@ -38,5 +47,5 @@ def _keywords(cls: type) -> set[str]:
     for klass in cls.__mro__:
         if "__init__" in vars(klass):
             params = inspect.signature(klass.__init__).parameters
-            names |= {p for p in params if p not in ("self", "model", "args", "kwargs")}
+            names |= {p for p in params if p not in ("self", "model", "args", "kwargs", "input_size", "common")}
     return names

@@ -152,6 +152,4 @@ def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"sparsity.{key} is not an option of method {method!r}; allowed: "
                               f"{', '.join(sorted(k for k in allowed if k != 'method'))}")
     checked = OPTIONS[method](**{**options, "method": method})
-    out = dataclasses.asdict(checked)
-    out.pop("method")
-    return out
+    return {f.name: getattr(checked, f.name) for f in dataclasses.fields(checked) if f.name != "method"}

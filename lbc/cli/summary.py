@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+import yaml
+
 from lbc.errors import ConfigError
 from lbc.models import MODELS, build_model
 from lbc.summary import format_table, summarize
@@ -27,10 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--exclude", nargs="*", default=None, help="module-name globs kept dense "
                         "(default: stem and classifier)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a builder keyword (repeatable), e.g. img_size=32 for a timm ViT; values read as YAML")
     args = parser.parse_args(argv)
     try:
-        model = build_model(args.model, num_classes=args.num_classes)
-        result = summarize(model, args.pattern, (3, args.image_size, args.image_size), args.exclude)
+        options = {}
+        for item in args.model_option:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--model-option {item!r}: write it as KEY=VALUE")
+            options[key] = yaml.safe_load(value)
+        model = build_model(args.model, num_classes=args.num_classes, **options)
+        size = (3, args.image_size, args.image_size)
+        try:
+            result = summarize(model, args.pattern, size, args.exclude)
+        except (AssertionError, RuntimeError, ValueError) as err:  # the model's forward refused the input
+            if isinstance(err, ConfigError):
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"--image-size {args.image_size}: {args.model} cannot run a {list(size)} input: "
+                              f"{first} (a timm ViT takes --model-option img_size={args.image_size})") from None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

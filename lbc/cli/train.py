@@ -10,7 +10,6 @@ Under ``torchrun --nproc_per_node=K`` it trains with DDP.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ from lbc.engine import distributed
 from lbc.errors import ConfigError, DataError
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
-log = logging.getLogger("lbc")
 
 
 def fail(message: str, status: int = 2) -> None:
@@ -80,12 +78,10 @@ def run_job(cfg: DictConfig) -> None:
         cfg.run_dir = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out
     try:
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         fail(str(e))
-    except OmegaConfBaseException as e:
+    except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
         fail(str(lbc_config.as_config_error(e)))
-    except DataError as e:
-        fail(str(e))
     except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
         fail(f"{e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint is in {cfg.run_dir})", 1)
 

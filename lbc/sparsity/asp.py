@@ -129,6 +129,7 @@ class ASP(SparsityMethod):
 
     def update(self, epoch: float) -> None:
         """Prune at the first call with ``epoch >= dense_epochs`` (once); then keep stored pruned weights at 0."""
+        self.check_attached()
         self.epoch = float(epoch)
         if not self.pruned and self.epoch >= self.dense_epochs:
             self.prune()

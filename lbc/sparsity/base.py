@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from lbc.errors import ConfigError
 from lbc.flops import TrainingFlops, layer_costs
-from lbc.sparsity.nm import NMPattern, is_nm, parse_pattern
+from lbc.sparsity.nm import NMPattern, is_exactly_nm, is_nm, parse_pattern
 from lbc.sparsity.selection import select_layers
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,14 @@ class SparsityMethod:
         self.exclude = selection.exclude
         self.layers: dict[str, nn.Module] = selection.layers
         self.dense_reasons: dict[str, str] = selection.dense_reasons
+        if not self.layers:  # a run that trains a dense model and reports it as "done" is worse than a stop
+            excluded = sum(r.startswith("excluded") for r in self.dense_reasons.values())
+            raise ConfigError(
+                f"sparsity.pattern={self.pattern}: no Conv2d/Linear layer of the model can be {self.pattern} "
+                f"({excluded} excluded, {len(self.dense_reasons) - excluded} whose input dimension M={self.pattern.m} "
+                "does not divide); pick another pattern or sparsity.exclude"
+            )
+        self._detached = False
         self.flops = TrainingFlops(layer_costs(model, input_size), self.unit_cost)
         self._handles: list[Any] = []
         for name, module in self.layers.items():
@@ -147,7 +155,14 @@ class SparsityMethod:
 
     def update(self, epoch: float) -> None:
         """Advance the method to (fractional) ``epoch``; idempotent and cheap when nothing changes."""
+        self.check_attached()
         self.epoch = float(epoch)
+
+    def check_attached(self) -> None:
+        """Raise if :meth:`detach` was called: the masks are baked in, nothing is left to advance."""
+        if self._detached:
+            raise RuntimeError(f"{self.name}: update() after detach(): the method was detached and its masks "
+                               "baked into the weights; attach a new one with lbc.sparsify(...)")
 
     def milestones(self) -> dict[str, int]:
         """Checkpoints worth keeping by name: ``{name: epoch}`` (the state after that many epochs)."""
@@ -195,6 +210,7 @@ class SparsityMethod:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._detached = True
         for module in self.layers.values():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
@@ -227,9 +243,9 @@ class SparsityMethod:
         return self.flops.layer_cost
 
     def is_exact_nm(self) -> bool:
-        """Every selected layer's effective weight (mask) is N:M."""
+        """Every selected layer's mask keeps exactly N of every M: N:M at the pattern's density."""
         return all(
-            (mask := self.layer_mask(name)) is not None and is_nm(mask, self.pattern) for name in self.layers
+            (mask := self.layer_mask(name)) is not None and is_exactly_nm(mask, self.pattern) for name in self.layers
         )
 
     def extra_layer_figures(self, name: str) -> dict[str, Any]:

@@ -168,14 +168,18 @@ class LBCParametrization(nn.Module):
         """
         if count <= 0:
             return
+        # Never the last alive candidate of a group: a group whose alive set is smaller than the
+        # schedule expects (weights restored without the method's state) keeps one.
+        limit = (self.alive.sum(dim=1, keepdim=True) - 1).clamp(min=0, max=count)
         ranked = values.float().masked_fill(~self.alive, math.inf)
         if self.pattern.num_candidates <= _FAST_PATH_MAX_CANDIDATES:
-            self.alive &= removal_position(ranked) >= count
+            self.alive &= removal_position(ranked) >= limit
         else:
-            for left in range(count - 1, -1, -1):
+            for k in range(count):
                 lowest = ranked.argmin(dim=1, keepdim=True)
-                self.alive.scatter_(1, lowest, False)
-                if left:
+                keep = self.alive.gather(1, lowest) & (limit <= k)
+                self.alive.scatter_(1, lowest, keep)
+                if k + 1 < count:
                     ranked.scatter_(1, lowest, math.inf)
         self.mask.copy_(mask_from_alive(self.alive, self.pattern, self.mask.shape))
         if self.grad_accum is not None:
@@ -267,6 +271,7 @@ class LBC(SparsityMethod):
 
     def update(self, epoch: float) -> None:
         """Remove candidates up to the schedule's count at ``epoch``; rebuild masks only then."""
+        self.check_attached()
         self.epoch = float(epoch)
         target = self.target_removed(epoch)
         if target <= self.removed:

@@ -180,6 +180,17 @@ def is_nm(tensor: torch.Tensor, pattern: NMPattern) -> bool:
     return bool(((to_groups(tensor, pattern.m) != 0).sum(dim=1) <= pattern.n).all())
 
 
+def is_exactly_nm(mask: torch.Tensor, pattern: NMPattern) -> bool:
+    """True iff every group of M consecutive input-channel entries keeps exactly N (a finished N:M mask).
+
+    Stricter than :func:`is_nm`: a mask that keeps fewer than N somewhere (an emptied group) is
+    N:M by the "at most" reading but is not the pattern's density.
+    """
+    if input_dim(mask.shape) % pattern.m:
+        return False
+    return bool(((to_groups(mask, pattern.m) != 0).sum(dim=1) == pattern.n).all())
+
+
 def eligibility(module: nn.Module, pattern: NMPattern) -> str | None:
     """Why ``module`` cannot be made N:M, or None when it can (Conv2d/Linear, I divisible by M).
 

@@ -191,6 +191,10 @@ class DigitsConfig(DataConfig):
     image_size: int = 32
     train_augment: bool = False  # small random affine on train images
 
+    def __post_init__(self) -> None:
+        require(self.image_size >= 8, "data.image_size", self.image_size, "use an integer >= 8 (the digits are 8x8)")
+        super().__post_init__()  # after: input_size follows image_size, and the key the user set is this one
+
 
 @dataclass
 class FolderConfig(DataConfig):
@@ -215,8 +219,8 @@ class FolderConfig(DataConfig):
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         require(self.image_size >= 1, "data.image_size", self.image_size, "use a positive integer")
+        super().__post_init__()
         for key in ("reprob", "hflip"):
             value = getattr(self, key)
             require(0 <= value <= 1, f"data.{key}", value, "use a probability in [0, 1]")
@@ -233,6 +237,11 @@ class SyntheticConfig(DataConfig):
     train_size: int = 1024
     val_size: int = 256
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("train_size", "val_size"):
+            require(getattr(self, key) >= 1, f"data.{key}", getattr(self, key), "use a positive integer")
 
 
 # --- model ------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,3 +31,20 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
     """The composed config for ``overrides``, as ``lbc-train`` would get it (without the hydra node)."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """``lbc-train args`` in this process: (exit status, stdout, stderr). Patches and restores sys.argv."""
+    from lbc.cli import train as cli
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    code = 0
+    sys.argv = ["lbc-train", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

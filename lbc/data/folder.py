@@ -39,6 +39,12 @@ def read_split(split_dir: Path, classes: Sequence[str] | None = None) -> ReaderI
         raise DataError(f"{split_dir}: no images; expected <class>/<image>{'|'.join(IMAGE_EXTENSIONS)}") from None
     if "" in reader.class_to_idx:
         raise DataError(f"{split_dir}: holds images outside class folders; expected <class>/<image>")
+    holding = {Path(path).relative_to(split_dir).parts[0] for path, _ in reader.samples}
+    empty = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in holding)
+    if empty and classes is None:  # the train split defines the classes: a dropped one shifts every label
+        # (torchvision's ImageFolder refuses these too; a val split may lack some classes' images)
+        raise DataError(f"{split_dir}: class folders without images: {empty[:5]} ({len(empty)} in all); "
+                        "remove them or add their images")
     if classes is not None:
         unknown = sorted(set(reader.class_to_idx) - set(classes))
         if unknown:

@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lbc.errors import ConfigError
+
 log = logging.getLogger("lbc")
 
 
@@ -43,6 +45,10 @@ def pick_device(name: str) -> torch.device:
         name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     device = torch.device(name)
     if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device (torch.cuda.is_available() is False)"
+            raise ConfigError(f"trainer.device={name}: this machine has {have}; use trainer.device=auto or cpu")
         torch.cuda.set_device(device)
     return device
 

@@ -92,6 +92,7 @@ def train_one_epoch(
     return {
         "train_loss": total_loss / max(seen, 1),
         "lr": optimizer.param_groups[0]["lr"],
+        "train_images": int(seen),
         "train_skipped": int(skipped),  # unreadable images, counted by the loader
     }
 
@@ -130,5 +131,6 @@ def evaluate(
         "val_loss": loss / n,
         "top1": 100.0 * correct1 / n,
         "top5": 100.0 * correct5 / n,
+        "val_images": int(seen),
         "val_skipped": int(skipped),  # unreadable images, counted by the loader
     }

@@ -33,6 +33,7 @@ from lbc.engine import checkpoint, distributed
 from lbc.engine.logging import RunLogger
 from lbc.engine.loop import evaluate, train_one_epoch
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, weight_decay_groups
+from lbc.errors import DataError
 from lbc.io import load_model_weights
 from lbc.models import build_model
 
@@ -165,6 +166,10 @@ def build(cfg: DictConfig) -> Training:
     groups += sp.param_groups(ocfg.weight_decay)
     extra = {k: v for k, v in as_kwargs(ocfg).items() if k in ("momentum", "nesterov", "betas", "eps")}
     optimizer = build_optimizer(ocfg.name, groups, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **extra)
+    if len(train_loader) == 0:  # drop_last with fewer images than one batch: no step at all
+        raise DataError(f"data.loader.batch_size={loader_cfg['batch_size']} is larger than the training split "
+                        f"({len(train_loader.sampler)} images per process) and the last partial batch is dropped: "
+                        "no training step; lower the batch size")
     steps = len(train_loader) if tcfg.max_steps_per_epoch is None else min(len(train_loader), tcfg.max_steps_per_epoch)
     scheduler = build_phased_scheduler(optimizer, sp.phases(), scfg.epochs, steps, warmup_epochs=scfg.warmup_epochs,
                                        warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr)
@@ -212,8 +217,14 @@ def fit(t: Training) -> dict[str, Any]:
                 channels_last=tcfg.channels_last, log_interval=tcfg.log_interval,
                 log_step=lambda v, s: logger.scalars(v, s, prefix="train/"), progress=main and tcfg.progress,
             )  # fmt: skip
+            if stats["train_images"] == 0:  # every image unreadable: nothing was trained
+                raise DataError(f"epoch {epoch + 1} had no readable training image ({stats['train_skipped']} "
+                                f"unreadable): check data.root")
             distributed.broadcast_buffers(t.model)  # the sharded evaluation and the checkpoint see rank 0's BN stats
             stats |= evaluate(t.model, t.val_loader, **eval_args)
+            if stats["val_images"] == 0:
+                raise DataError(f"epoch {epoch + 1}: no readable validation image ({stats['val_skipped']} "
+                                "unreadable): the accuracy would mean nothing; check data.root")
             if t.ema is not None:
                 stats["ema_top1"] = evaluate(t.ema.module, t.val_loader, **eval_args)["top1"]
             stats["seconds"] = time.perf_counter() - t0

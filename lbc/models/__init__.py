@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from typing import Any
 
 import timm
@@ -108,7 +109,8 @@ def build_model(
             kwargs["weights_backbone"] = None  # detection/segmentation builders default to downloading one
         return builder(weights=None, num_classes=num_classes, **kwargs)
     except TypeError as err:
-        if "argument" not in str(err):
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unexpected is None:
             raise
-        raise ConfigError(f"model.name={name!r} ({source}) does not take these options "
-                          f"({', '.join(sorted(kwargs))}): {err}") from None
+        raise ConfigError(f"model.name={name!r} ({source}) does not take the option {unexpected.group(1)!r} "
+                          "(from the model config or model.extra)") from None

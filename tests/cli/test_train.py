@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -13,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lbc.cli import train as cli
-from tests.helpers import PYTHON, ROOT, TINY
+from tests.helpers import PYTHON, ROOT, TINY, run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
@@ -23,19 +20,6 @@ def lbc_train(*args: str, timeout: int = 600, cwd: Path = ROOT) -> subprocess.Co
     """The installed console script, as a user runs it."""
     script = Path(sys.executable).with_name("lbc-train")
     return subprocess.run([str(script), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def in_process(*args: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """Run ``lbc-train args`` in this process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["lbc-train", *args])
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code or 0
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -56,8 +40,8 @@ def in_process(*args: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, s
         (["trainer.init_from=/nonexistent.pt", *TINY], "trainer.init_from"),
     ],
 )
-def test_bad_config_stops_with_one_line(tmp_path, monkeypatch, overrides, key):
-    code, out, err = in_process(*overrides, f"run_dir={tmp_path / 'run'}", monkeypatch=monkeypatch)
+def test_bad_config_stops_with_one_line(tmp_path, overrides, key):
+    code, out, err = run_cli(*overrides, f"run_dir={tmp_path / 'run'}")
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], err
@@ -71,9 +55,8 @@ def test_console_script_exit_status_and_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "sparsity.comon" in proc.stderr
 
 
-def test_diverged_run_stops_with_one_line_and_no_checkpoint(tmp_path, monkeypatch):
-    code, _, err = in_process(*TINY, "sparsity=dense", "optim.lr=1e30", f"run_dir={tmp_path / 'nan'}",
-                              monkeypatch=monkeypatch)
+def test_diverged_run_stops_with_one_line_and_no_checkpoint(tmp_path):
+    code, _, err = run_cli(*TINY, "sparsity=dense", "optim.lr=1e30", f"run_dir={tmp_path / 'nan'}")
     assert code == 1, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: loss is nan at epoch 1"), err

@@ -143,6 +143,12 @@ def test_val_class_unknown_to_train_is_a_data_error(tree):
         build_datasets("folder", root=str(tree), val_split="extra")
 
 
+def test_an_empty_train_class_folder_is_refused(tree):
+    (tree / "train" / "dog").mkdir()  # would silently not be a class: every later label would shift
+    with pytest.raises(DataError, match=r"train: class folders without images: \[.dog.\] \(1 in all\)"):
+        build_datasets("folder", root=str(tree))
+
+
 def test_wrong_num_classes_and_interpolation_are_config_errors(tree):
     with pytest.raises(ConfigError, match="data.num_classes=1000"):
         build_datasets("folder", root=str(tree), num_classes=1000)

@@ -161,5 +161,5 @@ def test_deit_takes_img_size_and_drop_path_from_kwargs():
 def test_extra_keywords_reach_the_builder_and_unknown_ones_are_one_line():
     model = build_model("timm/deit_tiny_patch16_224", num_classes=3, extra={"depth": 2, "img_size": 32})
     assert len(model.blocks) == 2 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
-    with pytest.raises(ConfigError, match=r"model.name='resnet_small' \(lbc\) does not take these options \(foo\)"):
+    with pytest.raises(ConfigError, match=r"model.name='resnet_small' \(lbc\) does not take the option 'foo'"):
         build_model("resnet_small", num_classes=3, foo=1)

@@ -29,6 +29,10 @@ def sparsify(
     unknown key or a bad value is a one-line ConfigError naming ``sparsity.<key>``. ``input_size``
     (C, H, W) weights the training-FLOPs figures by each layer's MACs.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"lbc.sparsify: model must be a torch.nn.Module, not {type(model).__name__}")
+    if not isinstance(method, str):
+        raise ConfigError(f"sparsity.method={method!r} is not allowed; use a method name ({', '.join(METHODS.names())})")
     cls = METHODS.get(method, key="sparsity.method")
     if method in OPTIONS:
         checked = check_options(method, options)

@@ -78,8 +78,8 @@ class LBCOptions(SparsityOptions):
         require(is_number(self.t_i) and self.t_i >= 0, "sparsity.t_i", self.t_i, "use a number >= 0")
         require(is_number(self.t_f) and self.t_f >= self.t_i, "sparsity.t_f", self.t_f,
                 f"use a number >= sparsity.t_i={self.t_i}")
-        require(isinstance(self.exponent, int) and not isinstance(self.exponent, bool) and self.exponent >= 1,
-                "sparsity.exponent", self.exponent, "use a positive integer (paper: 3)")
+        require(isinstance(self.exponent, int) and not isinstance(self.exponent, bool) and 1 <= self.exponent <= 16,
+                "sparsity.exponent", self.exponent, "use an integer from 1 to 16 (paper: 3; released DeiT: 4)")
         require(self.rounding in ("paper", "released"), "sparsity.rounding", self.rounding, "choose from: paper, released")
         require(self.update_every in ("epoch", "step"), "sparsity.update_every", self.update_every,
                 "choose from: epoch, step")

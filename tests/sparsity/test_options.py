@@ -30,12 +30,21 @@ def model() -> nn.Module:
         ("dense", {"pattern": "4:4"}, "sparsity.pattern"),
         ("dense", {"exclude": 3}, "sparsity.exclude"),
         ("nope", {}, "sparsity.method"),
+        ("lbc", {"t_f": 4, "exponent": 10**30}, "sparsity.exponent"),
+        ("lbc", {"t_f": float("inf")}, "sparsity.t_f"),
+        ("lbc", {"t_f": 4, "pattern": None}, "sparsity.pattern"),
+        (["lbc"], {}, "sparsity.method"),
     ],
 )
 def test_bad_keywords_are_one_line_config_errors(method, options, key):
     with pytest.raises(ConfigError) as info:
         lbc.sparsify(model(), method=method, **options)
     assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_model_that_is_not_a_module_is_one_line():
+    with pytest.raises(ConfigError, match="model must be a torch.nn.Module, not str"):
+        lbc.sparsify("resnet50", method="lbc", t_f=4)
 
 
 def test_a_string_exclude_is_one_glob():

@@ -1,8 +1,17 @@
-"""Reading ``.pt`` files at the boundary: a missing or broken file is one line naming the config key."""
+"""Reading ``.pt`` files at the boundary, weights only: a missing, broken or unsafe file is one line
+naming the config key.
+
+Every ``.pt`` that lbc reads goes through :func:`read_pt`, which unpickles with
+``torch.load(..., weights_only=True)``: tensors, plain containers (dict, list, tuple, str, numbers)
+and the few torch types torch itself allows. A pickle that names any other global (a class or a
+function: the way a ``.pt`` file runs code when it is loaded) is refused before anything of it runs.
+"""
 
 from __future__ import annotations
 
 import pickle
+import pickletools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +20,110 @@ from torch import nn
 
 from lbc.errors import ConfigError
 
+# The one allow-list of globals lbc's loading accepts beyond torch's weights-only defaults.
+# Empty on purpose: what our checkpoints hold (state dicts of the model, optimizer, timm's
+# scheduler, GradScaler and EMA; the sparsity state; RNG states, numpy's stored as tensors and
+# ints by lbc.engine.checkpoint.rng_state; the config as plain containers; metrics as floats) all
+# loads without one. Add a global here only if a checkpoint lbc writes needs it, with the reason.
+SAFE_GLOBALS: list[Any] = []
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    """The globals a refused file names, read from its pickle opcodes (nothing runs), else from ``err``."""
+    try:
+        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))  # torch.save's zip format
+    except Exception:  # noqa: BLE001 (a bare pickle, the legacy format: scan it ourselves)
+        found = _pickle_globals(path)
+    return found or _GLOBAL.findall(str(err))
+
+
+_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+
+
+def _pickle_globals(path: Path, pickles: int = 5) -> list[str]:
+    """Globals named by the first ``pickles`` pickles of a file (a bare pickle; torch's legacy format
+    is a few pickles, then raw storage bytes). Only :func:`pickletools.genops`: nothing is executed."""
+    found: list[str] = []
+    with path.open("rb") as f:
+        for _ in range(pickles):
+            strings: list[str] = []
+            memo: dict[Any, str] = {}
+            memoized = 0  # MEMOIZE numbers every object it stores, strings or not
+            last = None  # the string the previous opcode pushed, if any (for the memo)
+            try:
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    if op.name in _STRINGS:
+                        last = str(arg)
+                        strings.append(last)
+                        continue
+                    if op.name == "MEMOIZE":
+                        if last is not None:
+                            memo[memoized] = last
+                        memoized += 1
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and last is not None:
+                        memo[arg] = last
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
+                        last = memo[arg]
+                        strings.append(last)
+                        continue
+                    if op.name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME"):
+                        last = None
+            except Exception:  # noqa: BLE001 (the end of the pickles: raw bytes, or the end of the file)
+                break
+    return [name for name in dict.fromkeys(found) if name not in _allowed()]
+
+
+def _allowed() -> set[str]:
+    """Globals torch's weights-only unpickler takes by default (private API: empty if it moved)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001
+        return set()
+
 
 def read_pt(path: str | Path, key: str) -> Any:
-    """``torch.load`` onto the CPU; a ConfigError naming ``key`` if the file is missing or unreadable.
-
-    Not weights-only: our checkpoints also hold RNG states and the config.
+    """``torch.load`` onto the CPU, weights only; a one-line ConfigError naming ``key`` if the file is
+    missing, unreadable, or needs pickled code (a global outside :data:`SAFE_GLOBALS`) to load.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}={str(path)!r}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {first}") from None
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needs = _unsafe_globals(path, err) if "weightsunpickler" in str(err).lower() else []
+        if needs:
+            what = ", ".join(needs[:3]) + (f" and {len(needs) - 3} more" if len(needs) > 3 else "")
+            raise ConfigError(
+                f"{key}={str(path)!r} is not a checkpoint lbc can load safely: it needs {what} (pickled code); "
+                "lbc loads weights only"
+            ) from None
+        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_unpickler_line(err)}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_first_line(err)}") from None
+
+
+def _unpickler_line(err: BaseException) -> str:
+    """The weights-only unpickler's own complaint (``Unsupported operand 110``), not torch's advice around it."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
+        return next((line for line in rest if line), _first_line(err))
+    return _first_line(err)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_model_weights(model: nn.Module, path: str | Path, key: str) -> None:
@@ -33,7 +132,8 @@ def load_model_weights(model: nn.Module, path: str | Path, key: str) -> None:
     Accepts ``{"model": state_dict}`` (our checkpoints) or a plain state dict; strips DDP's
     ``module.`` prefixes and drops a sparsity method's own tensors (keys with ``.parametrizations.``:
     masks and scores of the earlier run are not ours). Every problem is a one-line ConfigError
-    naming ``key``: a missing or unreadable file, no state dict inside, keys or shapes that do not fit.
+    naming ``key``: a missing, unreadable or unsafe file, no state dict inside, keys or shapes that
+    do not fit.
     """
     state = read_pt(path, key)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

@@ -1,4 +1,9 @@
-"""Checkpoints written atomically (temp file + os.replace), and the RNG states that make resume exact."""
+"""Checkpoints written atomically (temp file + os.replace), and the RNG states that make resume exact.
+
+Everything a checkpoint holds loads with ``torch.load(..., weights_only=True)`` (:func:`lbc.io.read_pt`):
+tensors, numbers, strings and plain containers. numpy's RNG state is therefore stored as a dict of
+a tensor and numbers (:func:`rng_state`), not as numpy's own tuple with an ndarray.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +20,38 @@ import torch
 
 from lbc.io import read_pt
 
+# --- RNG states ---------------------------------------------------------------------------------
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state as a tensor and numbers (weights-only loadable), exact."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "bit_generator": str(name),
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),  # uint32 values, int64: no overflow
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def set_numpy_rng_state(state: Mapping[str, Any] | tuple) -> None:
+    """Inverse of :func:`numpy_rng_state` (numpy's own tuple is taken too)."""
+    if isinstance(state, tuple):
+        np.random.set_state(state)
+        return
+    keys = torch.as_tensor(state["keys"]).numpy().astype(np.uint32)
+    np.random.set_state((str(state["bit_generator"]), keys, int(state["pos"]), int(state["has_gauss"]),
+                         float(state["cached_gaussian"])))
+
 
 def rng_state() -> dict[str, Any]:
     """Every random generator the training step can touch: torch, cuda, numpy, python."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": numpy_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None | float): plain
     }
 
 
@@ -29,8 +59,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    set_numpy_rng_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --- writing ------------------------------------------------------------------------------------
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
@@ -57,6 +91,9 @@ def copy(src: str | Path, dst: str | Path) -> None:
     os.replace(tmp, dst)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU; a one-line ConfigError naming ``trainer.resume`` if it can't be."""
-    return read_pt(path, "trainer.resume")
+# --- reading -------------------------------------------------------------------------------
+
+
+def load(path: str | Path, key: str = "trainer.resume") -> dict[str, Any]:
+    """Read a checkpoint onto the CPU, weights only; a one-line ConfigError naming ``key`` if it can't be."""
+    return read_pt(path, key)

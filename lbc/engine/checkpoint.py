@@ -1,4 +1,5 @@
-"""Checkpoints written atomically (temp file + os.replace), and the RNG states that make resume exact.
+"""Checkpoints written atomically (temp file + os.replace; stale temp files of killed saves removed at
+start), and the RNG states that make resume exact.
 
 Everything a checkpoint holds loads with ``torch.load(..., weights_only=True)`` (:func:`lbc.io.read_pt`):
 tensors, numbers, strings and plain containers. numpy's RNG state is therefore stored as a dict of
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -68,7 +70,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same directory, then ``os.replace``: never half a file."""
+    """``torch.save`` to a temp file in the same directory, then ``os.replace``: never half a file.
+
+    The temp file is ``.<name>.<random>.tmp``; one left by a killed process is removed by
+    :func:`clean_stale_temp`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -84,11 +90,37 @@ def save(state: dict[str, Any], path: str | Path) -> None:
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
-    """Atomic copy of a written checkpoint (milestones)."""
+    """Atomic copy of a written checkpoint (milestones), through ``.<name>.tmp``."""
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# The temp names save() (".<name>.<mkstemp's 8 characters>.tmp") and copy() (".<name>.tmp") use,
+# for checkpoint names ending in .pt.
+_TEMP = re.compile(r"\.[^/]+\.pt(\.[A-Za-z0-9_]+)?\.tmp")
+
+
+def clean_stale_temp(run_dir: str | Path) -> list[Path]:
+    """Remove the temp files an earlier, killed save or copy left in ``run_dir``; returns them.
+
+    Call at start, before this run writes: only files named like ours (``.<name>.pt.<random>.tmp``,
+    ``.<name>.pt.tmp``) directly in ``run_dir`` are touched.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for p in sorted(run_dir.glob(".*.tmp")):
+        if _TEMP.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Issue 9, reliability and security of checkpoints: weights-only loading (a pickled payload never
-runs), numpy's RNG state stored as tensors and numbers."""
+runs), numpy's RNG state stored as tensors and numbers, stale temp files of killed saves."""
 
 from __future__ import annotations
 
 import builtins
 import pickle
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 from lbc.engine import checkpoint
 from lbc.errors import ConfigError
 from lbc.io import load_model_weights, read_pt
-from tests.helpers import TINY, compose_config
+from tests.helpers import PYTHON, ROOT, TINY, compose_config
 
 # --- a pickle that runs code when it is loaded ---------------------------------------------------
 
@@ -98,6 +99,35 @@ def test_rng_state_round_trips_weights_only_bit_exact(tmp_path):
     got = (np.random.standard_normal(5), np.random.randint(0, 2**31, 5), random.random(), torch.rand(3))
     assert np.array_equal(got[0], expect[0]) and np.array_equal(got[1], expect[1])
     assert got[2] == expect[2] and torch.equal(got[3], expect[3])
+
+
+# --- stale temp files of killed saves --------------------------------------------------------------
+
+KILLED_SAVE = """
+import os, signal, sys, torch
+from lbc.engine import checkpoint
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # SIGKILL after the temp file is written
+checkpoint.save({"w": torch.zeros(10)}, sys.argv[1])
+"""
+
+
+def test_clean_stale_temp_removes_what_a_killed_save_left(tmp_path):
+    proc = subprocess.run([PYTHON, "-c", KILLED_SAVE, str(tmp_path / "last.pt")], cwd=ROOT, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-500:]
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".last.pt.") and left[0].endswith(".tmp")  # the real leftover
+
+    (tmp_path / ".dense.pt.tmp").write_bytes(b"half a copy")  # what copy() leaves
+    others = [".notes.tmp", "last.pt.tmp", ".last.pt.tmp.keep", "keep.tmp", ".last.pt.a.b.tmp", "last.pt"]
+    for name in others:
+        (tmp_path / name).write_text("not ours")
+    (tmp_path / ".sub.pt.tmp").mkdir()
+
+    removed = checkpoint.clean_stale_temp(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([left[0], ".dense.pt.tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, ".sub.pt.tmp"])
+    assert checkpoint.clean_stale_temp(tmp_path) == []
+    assert checkpoint.clean_stale_temp(tmp_path / "not_yet") == []
 
 
 # --- a real trainer checkpoint (lbc 1:4, EMA on) ---------------------------------------------------

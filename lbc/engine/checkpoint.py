@@ -1,5 +1,5 @@
-"""Checkpoints written atomically (temp file + os.replace; stale temp files of killed saves removed at
-start), and the RNG states that make resume exact.
+"""Checkpoints: atomic writes, the RNG states that make resume exact, and the checks that run before
+anything of a checkpoint is loaded (is it ours, does it fit this run, may this run continue it).
 
 Everything a checkpoint holds loads with ``torch.load(..., weights_only=True)`` (:func:`lbc.io.read_pt`):
 tensors, numbers, strings and plain containers. numpy's RNG state is therefore stored as a dict of
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lbc.errors import ConfigError
 from lbc.io import read_pt
 
 # --- RNG states ---------------------------------------------------------------------------------
@@ -123,9 +124,213 @@ def clean_stale_temp(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-# --- reading -------------------------------------------------------------------------------
+# --- reading and checking -----------------------------------------------------------------------
 
 
 def load(path: str | Path, key: str = "trainer.resume") -> dict[str, Any]:
     """Read a checkpoint onto the CPU, weights only; a one-line ConfigError naming ``key`` if it can't be."""
     return read_pt(path, key)
+
+
+# What Training.state() writes and Training.load() needs (scaler, ema and metrics are optional).
+REQUIRED = ("sparsity", "model", "optimizer", "scheduler", "epoch", "rng", "config")
+
+
+def _where(key: str, path: str | Path | None) -> str:
+    return f"{key}={str(path)!r}" if path is not None else key
+
+
+def _shape(v: Any) -> list[int] | None:
+    return list(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def check_compatible(
+    ckpt: Any,
+    expected_sparsity: Mapping[str, Any],
+    key: str = "trainer.resume",
+    path: str | Path | None = None,
+    *,
+    model_state: Mapping[str, Any] | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
+) -> None:
+    """Before anything of ``ckpt`` is loaded: is it an lbc training checkpoint, and does it fit this run?
+
+    ``expected_sparsity`` is this run's ``sparsity.state_dict()`` (its ``method`` and ``pattern``
+    are compared); ``model_state`` / ``optimizer_state`` this run's ``state_dict()``s (keys and
+    shapes; parameter groups). Every mismatch is one ConfigError line naming ``key`` (and ``path``).
+    """
+    where = _where(key, path)
+    hint = "to start from model weights use trainer.init_from"
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{where} is not an lbc training checkpoint (it holds a {type(ckpt).__name__}); {hint}")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise ConfigError(f"{where} is not an lbc training checkpoint (no {missing[0]!r} entry); {hint}")
+    sp = ckpt["sparsity"]
+    if not isinstance(sp, dict) or not isinstance(ckpt["model"], dict):
+        raise ConfigError(f"{where} is not an lbc training checkpoint (its 'sparsity' or 'model' entry is not a dict)")
+    saved = f"{sp.get('method')} {sp.get('pattern')}"
+    wanted = f"{expected_sparsity.get('method')} {expected_sparsity.get('pattern')}"
+    if saved != wanted:
+        raise ConfigError(
+            f"{where}: sparsity state is for {saved}, not {wanted}: resume with the same sparsity config, "
+            "or start a new run_dir"
+        )
+    if model_state is not None:
+        _check_model(ckpt["model"], model_state, where)
+    if optimizer_state is not None:
+        _check_optimizer(ckpt["optimizer"], optimizer_state, where)
+
+
+def _check_model(saved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) (first {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
+    if not parts:
+        shapes = [k for k in expected if _shape(saved[k]) != _shape(expected[k])]
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shape(s) differ (first {k!r}: {_shape(saved[k])} in the checkpoint, "
+                         f"{_shape(expected[k])} in the model)")
+    if parts:
+        raise ConfigError(f"{where} does not fit the model: {', '.join(parts)}; was it written for another model.*?")
+
+
+# Per-group flags a torch version may add or drop for every optimizer alike: not a different optimizer.
+_IMPLEMENTATION_FLAGS = {"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"}
+
+
+def _check_optimizer(saved: Any, expected: Mapping[str, Any], where: str) -> None:
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ConfigError(f"{where} holds no optimizer state dict (no 'param_groups')")
+    mine = expected["param_groups"]
+    if [len(g.get("params", ())) for g in groups] != [len(g["params"]) for g in mine]:
+        raise ConfigError(
+            f"{where}: optimizer state does not fit: parameter groups of "
+            f"{[len(g.get('params', ())) for g in groups]} parameters, this run has {[len(g['params']) for g in mine]}"
+        )
+    for g, m in zip(groups, mine, strict=True):
+        odd = sorted((set(g) ^ set(m)) - _IMPLEMENTATION_FLAGS)
+        if odd:
+            raise ConfigError(
+                f"{where}: optimizer state is for another optimizer (its parameter groups differ in "
+                f"{', '.join(odd[:4])}): resume with the same optim config, or start a new run_dir"
+            )
+
+
+# --- which config changes a resumed run can honour ----------------------------------------------
+
+# Keys that do not change what is trained: where the run writes and reads, how it reports, where
+# it runs; compare_config skips them.
+IGNORED = frozenset({
+    "run_dir", "hydra",
+    "trainer.resume", "trainer.init_from", "trainer.progress", "trainer.log_interval", "trainer.ckpt_interval",
+    "trainer.device", "trainer.find_unused_parameters",
+    "data.loader.workers", "data.root",
+})  # fmt: skip
+
+# A resumed run restores the optimizer (its lr, betas, ...), the scheduler (its epochs, warm-up and
+# lr range: timm's load_state_dict overwrites them), the masks and scores and the data order, so a
+# change of these keys would silently not be used, or would train something else than either config.
+REFUSED = ("schedule.", "optim.", "sparsity.", "model.", "data.", "seed", "trainer.max_steps_per_epoch")
+ALLOWED = ("data.loader.workers", "data.root")
+
+_MISSING = object()
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out |= _flatten(v, f"{name}.")
+        else:
+            out[name] = v
+    return out
+
+
+def _ignored(name: str) -> bool:
+    return any(name == k or name.startswith(f"{k}.") for k in IGNORED)
+
+
+def compare_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between the ``saved`` and ``current`` configs (plain containers),
+    in the current config's order, then keys only the saved one has; :data:`IGNORED` keys skipped."""
+    a, b = _flatten(saved), _flatten(current)
+    names = list(b) + [k for k in a if k not in b]
+    return [k for k in names if not _ignored(k) and a.get(k, _MISSING) != b.get(k, _MISSING)]
+
+
+def _refused(name: str) -> bool:
+    if name in ALLOWED or any(name.startswith(f"{k}.") for k in ALLOWED):
+        return False
+    return any(name.startswith(p) if p.endswith(".") else name == p for p in REFUSED)
+
+
+def _describe(names: list[str], saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> str:
+    a, b = _flatten(saved or {}), _flatten(current or {})
+
+    def one(k: str) -> str:
+        if saved is None or current is None:
+            return k
+        old, new = a.get(k, _MISSING), b.get(k, _MISSING)
+        fmt = lambda v: "(absent)" if v is _MISSING else repr(v)  # noqa: E731
+        return f"{k} ({fmt(old)} -> {fmt(new)})"
+
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(one(k) for k in names[:3]) + more
+
+
+def resume_policy(
+    changed: list[str],
+    saved: Mapping[str, Any] | None = None,
+    current: Mapping[str, Any] | None = None,
+    *,
+    key: str = "trainer.resume",
+    path: str | Path | None = None,
+) -> None:
+    """Refuse, in one line, config changes a resumed run cannot honour (:data:`REFUSED`); allow the rest.
+
+    ``changed`` comes from :func:`compare_config`; ``saved``/``current`` (optional) add the values.
+    """
+    refused = [k for k in changed if _refused(k)]
+    if refused:
+        raise ConfigError(
+            f"{_where(key, path)} was written with another config: changed {_describe(refused, saved, current)} "
+            "cannot be honoured when resuming; start a new run_dir or put the old values back"
+        )
+
+
+def check_epoch(epoch: int, epochs: int, changed: list[str], *, key: str = "trainer.resume",
+                path: str | Path | None = None) -> bool:
+    """Whether a checkpoint after ``epoch`` epochs can continue a run of ``epochs``; True if it has finished.
+
+    A finished checkpoint (``epoch == epochs``) is fine only with the same config (nothing is left
+    to train with a changed one); ``epoch > epochs`` is refused.
+    """
+    where = _where(key, path)
+    if epoch > epochs:
+        raise ConfigError(f"{where} is at epoch {epoch}, past schedule.epochs={epochs}; "
+                          "start a new run_dir or put the old values back")
+    if epoch == epochs and changed:
+        raise ConfigError(f"{where} has already finished all {epochs} epochs; the changed {_describe(changed, None, None)} "
+                          "would not be used: start a new run_dir or put the old values back")
+    return epoch == epochs
+
+
+def check_resume(ckpt: Mapping[str, Any], current: Mapping[str, Any], *, key: str = "trainer.resume",
+                 path: str | Path | None = None) -> list[str]:
+    """:func:`compare_config` + :func:`resume_policy` + :func:`check_epoch` on a checked checkpoint
+    (:func:`check_compatible`) and this run's resolved config; returns the changed keys it allows."""
+    saved = ckpt.get("config") or {}
+    changed = compare_config(saved, current)
+    resume_policy(changed, saved, current, key=key, path=path)
+    epochs = current.get("schedule", {}).get("epochs")
+    if epochs is not None:
+        check_epoch(int(ckpt["epoch"]), int(epochs), changed, key=key, path=path)
+    return changed

@@ -1,5 +1,7 @@
 """Issue 9, reliability and security of checkpoints: weights-only loading (a pickled payload never
-runs), numpy's RNG state stored as tensors and numbers, stale temp files of killed saves."""
+runs), numpy's RNG state stored as tensors and numbers, stale temp files of killed saves, and the
+checks that run before a checkpoint is loaded (ours? this model, method, pattern, optimizer? a config
+this run can continue?)."""
 
 from __future__ import annotations
 
@@ -130,6 +132,165 @@ def test_clean_stale_temp_removes_what_a_killed_save_left(tmp_path):
     assert checkpoint.clean_stale_temp(tmp_path / "not_yet") == []
 
 
+# --- is it ours, and does it fit? (hand-made) ------------------------------------------------------
+
+
+def ours(**over):
+    net = nn.Linear(4, 2)
+    ckpt = {
+        "model": net.state_dict(), "optimizer": torch.optim.SGD(net.parameters(), lr=0.1).state_dict(),
+        "scheduler": {}, "sparsity": {"method": "lbc", "pattern": "2:4", "epoch": 1.0}, "epoch": 1,
+        "rng": [checkpoint.rng_state()], "config": {},
+    }  # fmt: skip
+    return ckpt | over
+
+
+SP = {"method": "lbc", "pattern": "2:4", "epoch": 0.0}
+
+
+@pytest.mark.parametrize(
+    "ckpt, words",
+    [
+        ({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, "no 'sparsity' entry"),  # a plain state dict
+        ({"model": {"weight": torch.zeros(2, 4)}}, "no 'sparsity' entry"),  # a dict without our keys
+        ({k: v for k, v in ours().items() if k != "rng"}, "no 'rng' entry"),
+        ([torch.zeros(2)], "it holds a list"),
+    ],
+)
+def test_foreign_checkpoint_is_one_line(ckpt, words):
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_compatible(ckpt, SP, "trainer.resume", "x.pt")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("trainer.resume='x.pt' is not an lbc training checkpoint")
+    assert words in msg and msg.endswith("to start from model weights use trainer.init_from")
+
+
+def test_foreign_pt_file_through_load_then_check(tmp_path):
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "weights.pt")
+    ckpt = checkpoint.load(tmp_path / "weights.pt")  # weights-only readable
+    with pytest.raises(ConfigError, match=r"is not an lbc training checkpoint \(no 'sparsity' entry\)"):
+        checkpoint.check_compatible(ckpt, SP, "trainer.resume", tmp_path / "weights.pt")
+
+
+@pytest.mark.parametrize("method, pattern", [("lbc", "1:4"), ("srste", "2:4")])
+def test_other_sparsity_is_one_line_naming_both(method, pattern):
+    ckpt = ours(sparsity={"method": method, "pattern": pattern, "epoch": 1.0})
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_compatible(ckpt, SP, "trainer.resume", "x.pt", model_state={"other": torch.zeros(1)})
+    assert "\n" not in str(err.value)
+    assert f"sparsity state is for {method} {pattern}, not lbc 2:4" in str(err.value)  # before the model
+
+
+def test_model_mismatch_is_one_line_with_counts():
+    mine = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).state_dict()
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_compatible(ours(), SP, "trainer.resume", "x.pt", model_state=mine)
+    msg = str(err.value)
+    assert "\n" not in msg and "does not fit the model" in msg
+    assert "4 missing key(s) (first '0.weight')" in msg and "2 unexpected key(s) (first 'weight')" in msg
+
+    wide = nn.Linear(4, 5).state_dict()
+    with pytest.raises(ConfigError, match=r"2 shape\(s\) differ \(first 'weight': \[2, 4\] in the checkpoint, "
+                                          r"\[5, 4\] in the model\)"):
+        checkpoint.check_compatible(ours(), SP, "trainer.resume", "x.pt", model_state=wide)
+    checkpoint.check_compatible(ours(), SP, "trainer.resume", "x.pt", model_state=nn.Linear(4, 2).state_dict())
+
+
+def test_optimizer_mismatch_is_one_line():
+    net = nn.Linear(4, 2)
+    adamw = torch.optim.AdamW(net.parameters()).state_dict()
+    with pytest.raises(ConfigError, match="optimizer state is for another optimizer") as err:
+        checkpoint.check_compatible(ours(), SP, optimizer_state=adamw)
+    assert "\n" not in str(err.value)
+    two = torch.optim.SGD([{"params": [net.weight]}, {"params": [net.bias]}], lr=0.1).state_dict()
+    with pytest.raises(ConfigError, match=r"parameter groups of \[2\] parameters, this run has \[1, 1\]"):
+        checkpoint.check_compatible(ours(), SP, optimizer_state=two)
+    checkpoint.check_compatible(ours(), SP, optimizer_state=torch.optim.SGD(net.parameters(), lr=0.5).state_dict())
+
+
+# --- which config changes a resume can honour (hand-made) ------------------------------------------
+
+SAVED = {
+    "model": {"name": "resnet_small", "widths": [16, 32]},
+    "data": {"name": "digits", "root": "/a", "loader": {"batch_size": 16, "workers": 0}},
+    "sparsity": {"method": "lbc", "pattern": "2:4", "t_f": 1.0},
+    "optim": {"name": "sgd", "lr": 0.1},
+    "schedule": {"epochs": 4, "warmup_epochs": 1.0},
+    "trainer": {"device": "auto", "resume": None, "progress": True, "log_interval": 10, "ckpt_interval": 1,
+                "ema": False, "amp": None, "max_steps_per_epoch": None},
+    "seed": 0,
+    "run_dir": "outputs/a",
+}
+
+
+def changed_config(**dotted):
+    import copy
+
+    cfg = copy.deepcopy(SAVED)
+    for name, value in dotted.items():
+        *parents, leaf = name.split("__")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def test_compare_config_lists_dotted_keys_and_skips_bookkeeping():
+    assert checkpoint.compare_config(SAVED, SAVED) == []
+    bookkeeping = changed_config(run_dir="elsewhere", trainer__resume="x.pt", trainer__progress=False,
+                                 trainer__log_interval=1, trainer__ckpt_interval=5, trainer__device="cpu",
+                                 data__loader__workers=8, data__root="/b")
+    assert checkpoint.compare_config(SAVED, bookkeeping) == []
+    cur = changed_config(optim__lr=0.05, model__widths=[8, 16], trainer__ema=True, seed=1)
+    cur["trainer"]["new_key"] = 1
+    del cur["sparsity"]["t_f"]
+    assert checkpoint.compare_config(SAVED, cur) == [
+        "model.widths", "optim.lr", "trainer.ema", "trainer.new_key", "seed", "sparsity.t_f"]
+
+
+@pytest.mark.parametrize("name", ["schedule.epochs", "schedule.warmup_epochs", "optim.lr", "optim.name",
+                                  "sparsity.pattern", "sparsity.t_f", "model.name", "data.loader.batch_size",
+                                  "data.name", "seed", "trainer.max_steps_per_epoch"])
+def test_resume_policy_refuses_changes_it_cannot_honour(name):
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resume_policy(["trainer.ema", name])
+    msg = str(err.value)
+    assert "\n" not in msg and f"changed {name} cannot be honoured" in msg
+    assert msg.endswith("start a new run_dir or put the old values back")
+
+
+def test_resume_policy_allows_the_rest_and_names_values():
+    checkpoint.resume_policy([])
+    checkpoint.resume_policy(["trainer.ema", "trainer.amp", "trainer.clip_grad", "data.loader.workers", "data.root"])
+    cur = changed_config(optim__lr=0.05, schedule__epochs=8, seed=3, sparsity__pattern="1:4")
+    changed = checkpoint.compare_config(SAVED, cur)
+    with pytest.raises(ConfigError) as err:
+        checkpoint.resume_policy(changed, SAVED, cur, key="trainer.resume", path="r/last.pt")
+    assert str(err.value) == (
+        "trainer.resume='r/last.pt' was written with another config: changed sparsity.pattern ('2:4' -> '1:4'), "
+        "optim.lr (0.1 -> 0.05), schedule.epochs (4 -> 8) and 1 more cannot be honoured when resuming; "
+        "start a new run_dir or put the old values back")
+
+
+def test_check_epoch_finished_only_with_the_same_config():
+    assert checkpoint.check_epoch(2, 4, ["trainer.ema"]) is False
+    assert checkpoint.check_epoch(4, 4, []) is True  # already finished: nothing to do
+    with pytest.raises(ConfigError, match=r"already finished all 4 epochs; the changed trainer.ema would not be used"):
+        checkpoint.check_epoch(4, 4, ["trainer.ema"])
+    with pytest.raises(ConfigError, match="is at epoch 5, past schedule.epochs=4"):
+        checkpoint.check_epoch(5, 4, [])
+
+
+def test_check_resume_combines_them():
+    ckpt = ours(config=SAVED, epoch=2)
+    assert checkpoint.check_resume(ckpt, changed_config(trainer__ema=True, run_dir="b")) == ["trainer.ema"]
+    with pytest.raises(ConfigError, match="changed optim.lr"):
+        checkpoint.check_resume(ckpt, changed_config(optim__lr=1.0))
+    with pytest.raises(ConfigError, match="already finished"):
+        checkpoint.check_resume(ours(config=SAVED, epoch=4), changed_config(trainer__ema=True))
+
+
 # --- a real trainer checkpoint (lbc 1:4, EMA on) ---------------------------------------------------
 
 
@@ -146,7 +307,7 @@ def run_1to4(tmp_path_factory):
 def test_real_checkpoint_loads_weights_only_with_nothing_allowed(run_1to4):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(run_1to4) == []
     ckpt = torch.load(run_1to4, weights_only=True)  # torch's defaults, no safe_globals of ours
-    assert {"model", "optimizer", "scheduler", "sparsity", "epoch", "rng", "config", "scaler", "ema"} <= set(ckpt)
+    assert set(checkpoint.REQUIRED) | {"scaler", "ema", "metrics"} <= set(ckpt)
     assert ckpt["sparsity"]["pattern"] == "1:4" and ckpt["ema"] is not None
     assert ckpt["config"]["sparsity"]["pattern"] == "1:4"
     assert isinstance(ckpt["rng"][0]["numpy"]["keys"], torch.Tensor)
@@ -161,3 +322,63 @@ def test_real_checkpoint_loads_weights_only_with_nothing_allowed(run_1to4):
     assert torch.equal(again["numpy"]["keys"], saved["numpy"]["keys"])
     assert {k: v for k, v in again["numpy"].items() if k != "keys"} == {
         k: v for k, v in saved["numpy"].items() if k != "keys"}
+
+
+@pytest.mark.slow
+def test_real_1to4_checkpoint_into_a_2to4_run_is_the_friendly_line(run_1to4, tmp_path):
+    from lbc.engine import trainer
+
+    t = trainer.build(compose_config([*TINY, f"run_dir={tmp_path / 'new'}"]))
+    ckpt = checkpoint.load(run_1to4)
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_compatible(ckpt, t.sparsity.state_dict(), "trainer.resume", run_1to4,
+                                    model_state=t.model.state_dict(), optimizer_state=t.optimizer.state_dict())
+    assert str(err.value) == (
+        f"trainer.resume={str(run_1to4)!r}: sparsity state is for lbc 1:4, not lbc 2:4: resume with the same "
+        "sparsity config, or start a new run_dir")
+
+
+@pytest.mark.slow
+def test_real_checkpoint_of_another_model_is_one_line(run_1to4, tmp_path):
+    from lbc.engine import trainer
+
+    t = trainer.build(compose_config([*TINY, f"run_dir={tmp_path / 'new'}", "sparsity.pattern=1:4",
+                                      "model.widths=[16,32,32]"]))
+    ckpt = checkpoint.load(run_1to4)
+    with pytest.raises(ConfigError, match=r"does not fit the model: \d+ shape\(s\) differ \(first 'layers.2"):
+        checkpoint.check_compatible(ckpt, t.sparsity.state_dict(), "trainer.resume", run_1to4,
+                                    model_state=t.model.state_dict())
+
+
+# --- through the trainer (needs the calls in lbc/engine/trainer.py) --------------------------------
+
+
+@pytest.mark.slow
+def test_trainer_refuses_1to4_checkpoint_for_2to4_run(run_1to4, tmp_path):
+    from lbc.engine import trainer
+
+    with pytest.raises(ConfigError, match="sparsity state is for lbc 1:4, not lbc 2:4") as err:
+        trainer.build(compose_config([*TINY, f"run_dir={tmp_path / 'new'}", f"trainer.resume={run_1to4}"]))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_trainer_refuses_a_changed_lr_and_takes_the_finished_same_config(run_1to4, tmp_path):
+    from lbc.engine import trainer
+
+    base = [*TINY, f"run_dir={tmp_path / 'new'}", f"trainer.resume={run_1to4}", "sparsity.pattern=1:4"]
+    with pytest.raises(ConfigError, match=r"changed optim.lr \(0.1 -> 0.05\) cannot be honoured"):
+        trainer.build(compose_config([*base, "trainer.ema=true", "optim.lr=0.05"]))
+    t = trainer.build(compose_config([*base, "trainer.ema=true"]))  # same config, already finished: fine
+    assert t.start_epoch == t.epochs == 2
+
+
+@pytest.mark.slow
+def test_trainer_cleans_stale_temp_at_start(tmp_path):
+    from lbc.engine import trainer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".last.pt.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
+    trainer.build(compose_config([*TINY, f"run_dir={run_dir}", "sparsity=dense"]))
+    assert not (run_dir / ".last.pt.k1ll3d00.tmp").exists()

@@ -111,9 +111,18 @@ class Training:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
-    def load(self, path: str) -> None:
-        """Continue from the checkpoint at ``path``: weights, optimizer, schedule, RNG, epoch."""
-        ckpt = checkpoint.load(path)
+    def load(self, path: str, key: str = "trainer.resume") -> None:
+        """Continue from the checkpoint at ``path``: weights, optimizer, schedule, RNG, epoch.
+
+        Everything is checked before anything is loaded (ours? the same method, pattern, model and
+        optimizer? a config whose changes a resume can honour?): a mismatch is one ConfigError line.
+        """
+        ckpt = checkpoint.load(path, key)
+        checkpoint.check_compatible(ckpt, self.sparsity.state_dict(), key, path, model_state=self.model.state_dict(),
+                                    optimizer_state=self.optimizer.state_dict())
+        changed = checkpoint.check_resume(ckpt, OmegaConf.to_container(self.cfg, resolve=True), key=key, path=path)
+        if changed:
+            log.info("resuming with changed %s (a resume honours these)", ", ".join(changed))
         self.model.load_state_dict(ckpt["model"])
         self.sparsity.load_state_dict(ckpt["sparsity"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -181,9 +190,12 @@ def build(cfg: DictConfig) -> Training:
     )  # fmt: skip
 
     # --- resume: an explicit trainer.resume, else <run_dir>/last.pt if present -------------
+    if distributed.is_main() and run_dir.is_dir():
+        for stale in checkpoint.clean_stale_temp(run_dir):  # left by a save that a kill interrupted
+            log.info("removed %s, left by an interrupted save", stale)
     resume = tcfg.resume or (str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None)
     if resume:
-        training.load(resume)
+        training.load(resume, "trainer.resume" if tcfg.resume else "run_dir")
     else:
         seed_everything(cfg.seed + distributed.rank())  # per-rank randomness (dropout, mixup) from here on
     return training

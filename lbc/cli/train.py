@@ -21,7 +21,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lbc import config as lbc_config
-from lbc.engine import distributed
+from lbc.engine import distributed, rundir, signals
 from lbc.errors import ConfigError, DataError
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -31,7 +31,7 @@ def fail(message: str, status: int = 2) -> None:
     """Print ``error: <message>`` as one line on stderr (rank 0 only) and exit with ``status``."""
     if distributed.rank() == 0 and os.environ.get("RANK", "0") == "0":
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    signals.exit_process(status)  # sys.exit; under torchrun, leave the process group first
 
 
 class _ComposeGuard:
@@ -78,16 +78,27 @@ def run_job(cfg: DictConfig) -> None:
         cfg.run_dir = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out
     try:
         run(cfg)
+    except signals.Stopped as e:  # SIGTERM / first Ctrl-C: the trainer saved what it could and logged one line
+        signals.exit_process(e.exit_code)
     except (ConfigError, DataError) as e:
+        rundir.remove_if_unused(out)  # a run that failed at start-up leaves no folder with only .hydra/ in it
         fail(str(e))
     except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
+        rundir.remove_if_unused(out)
         fail(str(lbc_config.as_config_error(e)))
+    except KeyboardInterrupt:  # Ctrl-C before training started (the loop itself stops gracefully)
+        rundir.remove_if_unused(out)
+        fail("interrupted (SIGINT) before training started", 130)
     except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
         fail(f"{e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint is in {cfg.run_dir})", 1)
 
 
 def main() -> None:
     """The ``lbc-train`` console script."""
+    try:
+        rundir.check_argv(sys.argv[1:])  # run_dir='' and the like: refused before Hydra creates anything there
+    except ConfigError as e:
+        fail(str(e))
     guard = _ComposeGuard()
 
     @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")

@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import lbc
 from lbc import config as lbc_config
 from lbc.data import build_datasets, build_loader, build_mixup
-from lbc.engine import checkpoint, distributed
+from lbc.engine import checkpoint, distributed, rundir, signals
 from lbc.engine.logging import RunLogger
 from lbc.engine.loop import evaluate, train_one_epoch
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, weight_decay_groups
@@ -95,6 +95,12 @@ class Training:
     start_epoch: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)
     resumed_from: str | None = None
+    lock: rundir.RunDirLock | None = None  # rank 0 holds <run_dir>/.lock from build() to the end of fit()
+
+    def release(self) -> None:
+        """Give the run directory back (fit() does it at its end, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def state(self, epoch: int) -> dict[str, Any]:
         """The checkpoint after ``epoch`` epochs (every rank gathers its RNG state; rank 0 writes)."""
@@ -127,9 +133,13 @@ class Training:
         self.sparsity.load_state_dict(ckpt["sparsity"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
+        if ckpt.get("scaler"):  # {} from a disabled GradScaler (no fp16 before): keep this run's fresh one
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            else:  # EMA switched on at resume: start it from the resumed weights, not the initial ones
+                self.ema.set(self.model)
         self.start_epoch, self.last, self.resumed_from = int(ckpt["epoch"]), ckpt.get("metrics", {}), path
         rng = ckpt["rng"]
         checkpoint.set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
@@ -138,13 +148,27 @@ class Training:
 def build(cfg: DictConfig) -> Training:
     """Check ``cfg`` and build the run: data, model with its sparsity method, optimizer, schedule.
 
-    Resumes from ``trainer.resume``, else from ``<run_dir>/last.pt`` when it exists.
+    Takes the run directory (one run at a time: ``rundir.claim``; rank 0 holds the lock until
+    :func:`fit` ends, and gives it back if building fails). Resumes from ``trainer.resume``, else
+    from ``<run_dir>/last.pt`` when it exists.
     """
+    held: list[rundir.RunDirLock] = []
+    try:
+        return _build(cfg, held)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+
+
+def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
     typed = lbc_config.validate(cfg)
     tcfg = typed["trainer"]
     device = distributed.pick_device(tcfg.device)
     distributed.init(device)
     run_dir = Path(share_run_dir(str(cfg.run_dir)))
+    lock = rundir.claim(run_dir)  # a usable run_dir no other live run holds, else one ConfigError line (every rank)
+    held += [lock] if lock is not None else []
     amp_dtype = AMP_DTYPES[tcfg.amp] if tcfg.amp in AMP_DTYPES and device.type == "cuda" else None
     memory_format = torch.channels_last if tcfg.channels_last else torch.preserve_format
 
@@ -186,7 +210,7 @@ def build(cfg: DictConfig) -> Training:
         cfg=cfg, device=device, run_dir=run_dir, model=model, sparsity=sp, ema=ema, train_loader=train_loader,
         val_loader=val_loader, criterion=criterion, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
-        epochs=scfg.epochs, steps=steps,
+        epochs=scfg.epochs, steps=steps, lock=lock,
     )  # fmt: skip
 
     # --- resume: an explicit trainer.resume, else <run_dir>/last.pt if present -------------
@@ -202,7 +226,21 @@ def build(cfg: DictConfig) -> Training:
 
 
 def fit(t: Training) -> dict[str, Any]:
-    """Train from ``t.start_epoch`` to the end; returns the final metrics (top1, top5, sparsity scalars, run_dir)."""
+    """Train from ``t.start_epoch`` to the end; returns the final metrics (top1, top5, sparsity scalars, run_dir).
+
+    On SIGTERM or a first Ctrl-C (``signals.GracefulStop``) it stops after the current optimizer
+    step: a partial epoch is dropped (the last epoch-end checkpoint is what resume continues from,
+    bit-exact), a stop that comes after an epoch's last step writes that epoch's checkpoint; it logs
+    one line and raises ``signals.Stopped``. The run directory is given back however fit ends.
+    """
+    try:
+        with signals.GracefulStop() as stop:
+            return _fit(t, stop)
+    finally:
+        t.release()
+
+
+def _fit(t: Training, stop: signals.GracefulStop) -> dict[str, Any]:
     cfg, tcfg, sp, main = t.cfg, t.cfg.trainer, t.sparsity, distributed.is_main()
     replica = distributed.Replica(t.model, t.device, compile=tcfg.compile, find_unused_parameters=tcfg.find_unused_parameters)
     logger = RunLogger(t.run_dir, enabled=main)
@@ -216,6 +254,18 @@ def fit(t: Training) -> dict[str, Any]:
                  t.steps, where, t.run_dir)
 
     milestones = sp.milestones()
+    batches = stop.batches(t.train_loader)  # ends the epoch's iteration early once a stop is requested
+    saved = (t.start_epoch, t.resumed_from) if t.resumed_from else None  # (epochs, path) a resume continues from
+
+    def stopped(epoch: int, step: int, written: bool) -> signals.Stopped:
+        message = signals.stop_message(stop.requested or "SIGTERM", epoch=epoch, step=step, written=written,
+                                       checkpoint=saved[1] if saved else None, checkpoint_epoch=saved[0] if saved else 0,
+                                       explicit_resume=tcfg.resume)
+        if main:
+            log.info("%s", message)
+        logger.close()
+        return signals.Stopped(message, stop.requested or "SIGTERM", stop.exit_code or 143)
+
     eval_args = dict(device=t.device, amp_dtype=t.amp_dtype, channels_last=tcfg.channels_last,
                      max_steps=tcfg.max_eval_steps)
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
@@ -223,12 +273,14 @@ def fit(t: Training) -> dict[str, Any]:
             t0 = time.perf_counter()
             t.train_loader.set_epoch(epoch)
             stats = train_one_epoch(
-                replica, t.train_loader, t.criterion, t.optimizer, t.scheduler, sp,
+                replica, batches, t.criterion, t.optimizer, t.scheduler, sp,
                 epoch=epoch, epochs=t.epochs, steps=t.steps, device=t.device, scaler=t.scaler,
                 amp_dtype=t.amp_dtype, mixup=t.mixup, ema=t.ema, clip_grad=tcfg.clip_grad,
                 channels_last=tcfg.channels_last, log_interval=tcfg.log_interval,
                 log_step=lambda v, s: logger.scalars(v, s, prefix="train/"), progress=main and tcfg.progress,
             )  # fmt: skip
+            if stop.agreed() and batches.taken < t.steps:  # stopped inside the epoch: drop the partial epoch
+                raise stopped(epoch + 1, batches.taken, written=False)
             if stats["train_images"] == 0:  # every image unreadable: nothing was trained
                 raise DataError(f"epoch {epoch + 1} had no readable training image ({stats['train_skipped']} "
                                 f"unreadable): check data.root")
@@ -251,12 +303,16 @@ def fit(t: Training) -> dict[str, Any]:
 
             done = epoch + 1
             keep = [name for name, at in milestones.items() if at == done]
-            if done % tcfg.ckpt_interval == 0 or done == t.epochs or keep:
+            stopping = stop.agreed()  # a stop after the epoch's last step: save this whole epoch, then stop
+            if done % tcfg.ckpt_interval == 0 or done == t.epochs or keep or stopping:
                 ckpt = t.state(done)
                 if main:
                     checkpoint.save(ckpt, t.run_dir / "last.pt")
                     for name in keep:
                         checkpoint.copy(t.run_dir / "last.pt", t.run_dir / f"{name}.pt")
+                saved = (done, str(t.run_dir / "last.pt"))
+            if stopping and done < t.epochs:
+                raise stopped(done, t.steps, written=True)
 
     sp.finalize()  # raises if the method's promise (e.g. exact N:M) is broken
     ckpt = t.state(t.epochs)

@@ -382,3 +382,17 @@ def test_trainer_cleans_stale_temp_at_start(tmp_path):
     (run_dir / ".last.pt.k1ll3d00.tmp").write_bytes(b"half a checkpoint")
     trainer.build(compose_config([*TINY, f"run_dir={run_dir}", "sparsity=dense"]))
     assert not (run_dir / ".last.pt.k1ll3d00.tmp").exists()
+
+
+@pytest.mark.parametrize("how", ["resume", "init_from", "planted"])
+def test_payload_through_lbc_train_never_runs(tmp_path, how):
+    """The three ways a checkpoint reaches a run: trainer.resume, trainer.init_from, a last.pt in run_dir."""
+    from tests.helpers import run_cli
+
+    marker, run_dir = tmp_path / "ran", tmp_path / "run"
+    run_dir.mkdir()
+    evil = write_payload((run_dir / "last.pt") if how == "planted" else (tmp_path / "evil.pt"), marker, "zip")
+    extra = {"resume": [f"trainer.resume={evil}"], "init_from": [f"trainer.init_from={evil}"], "planted": []}[how]
+    code, out, err = run_cli(*TINY, *extra, f"run_dir={run_dir}")
+    assert code == 2 and err.count("\n") == 1 and "(pickled code); lbc loads weights only" in err, err
+    assert not marker.exists() and "done:" not in out

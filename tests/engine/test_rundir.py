@@ -293,6 +293,7 @@ def test_lbc_train_refuses_a_run_dir_in_use_and_keeps_it(tmp_path, holder):
     assert (run_dir / ".hydra").is_dir() and (run_dir / ".lock").is_file()
 
 
+@pytest.mark.slow
 def test_lbc_train_refuses_an_empty_run_dir_before_writing_anything(tmp_path):
     """INTEGRATION: run_dir='' is refused before Hydra writes .hydra/ and train.log into the current directory."""
     for value in ("", "."):

@@ -16,7 +16,7 @@ from packaging.requirements import Requirement
 import lbc
 if Path(lbc.__file__).resolve().parent != Path("lbc").resolve() or md.version("lbc") != lbc.__version__:
     sys.exit(1)
-if not all(Path(sys.executable).with_name(s).exists() for s in ("lbc-train", "lbc-summary")):
+if not all(Path(sys.executable).with_name(s).exists() for s in ("lbc-train", "lbc-summary", "lbc-torchrun")):
     sys.exit(1)
 for line in Path("requirements.txt").read_text().splitlines():
     line = line.split("#")[0].strip()

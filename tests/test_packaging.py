@@ -50,6 +50,7 @@ def test_wheel_ships_configs_dependencies_and_console_scripts(wheel):
 
     assert meta["Version"] == lbc.__version__  # one version, read from lbc/__init__.py
     assert "lbc-train = lbc.cli.train:main" in scripts and "lbc-summary = lbc.cli.summary:main" in scripts
+    assert "lbc-torchrun = lbc.cli.torchrun:main" in scripts
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
 
 

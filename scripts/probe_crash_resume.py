@@ -3,9 +3,10 @@
 
     python scripts/probe_crash_resume.py --trials 12           # SIGKILL, SIGTERM and SIGINT in turn
 
-Each trial starts ``lbc-train`` (a small LBC run on digits) in its own run directory, sends a signal
-after a random delay (often mid-epoch, sometimes mid-write of last.pt), then runs the same command
-again until it exits 0. The final ``last.pt`` must equal the uninterrupted run's: every model and
+Each trial starts ``lbc-train`` (a small LBC run on digits) in its own run directory and sends a signal
+after a random delay: even trials anywhere (start-up included), odd trials once training has started
+(mid-epoch, in evaluation, sometimes mid-write of last.pt). Then it runs the same command again
+until it exits 0. Exit 143/130 is the graceful stop; -9/-15/-2 a death by the signal. The final ``last.pt`` must equal the uninterrupted run's: every model and
 optimizer tensor, the schedule and the epoch. Prints one line per trial and a summary.
 """
 
@@ -65,14 +66,25 @@ def main() -> int:
         print(f"the straight run failed: {straight.stderr.read()}", file=sys.stderr)
         return 1
     length = time.perf_counter() - t0
-    print(f"straight run: {length:.1f} s; trials in {work}")
+    epochs = [line for line in (work / "straight" / "train.log").read_text().splitlines() if "] epoch " in line]
+    train_seconds = sum(float(line.rsplit(" ", 1)[-1].rstrip("s")) for line in epochs)
+    print(f"straight run: {length:.1f} s ({train_seconds:.1f} s of epochs); trials in {work}")
     exact = 0
     for trial in range(args.trials):
         sig = SIGNALS[trial % len(SIGNALS)]
-        delay = rng.uniform(0.3, length * 0.95)
         run_dir = work / f"trial{trial}"
         proc = lbc_train(run_dir)
-        time.sleep(delay)
+        if trial % 2:  # during training: the delay counts from the start line, within the epochs
+            log = run_dir / "train.log"
+            while proc.poll() is None and not (log.is_file() and "epochs x" in log.read_text()):
+                time.sleep(0.05)
+            delay = rng.uniform(0.0, max(0.5, train_seconds))
+            time.sleep(delay)
+            when = "in training"
+        else:  # anywhere, start-up included
+            delay = rng.uniform(0.3, length * 0.95)
+            time.sleep(delay)
+            when = "anywhere   "
         proc.send_signal(sig)
         first = proc.wait()
         restarts, code = 0, None
@@ -83,7 +95,7 @@ def main() -> int:
         diff = same_state(work / "straight" / "last.pt", run_dir / "last.pt") if code == 0 else "did not finish"
         exact += diff is None
         leftovers = sorted(p.name for p in run_dir.glob(".*.tmp"))
-        print(f"trial {trial:2d}: {sig.name:7s} after {delay:5.1f} s -> exit {first:4d}; resumed x{restarts} -> "
+        print(f"trial {trial:2d}: {sig.name:7s} {when} after {delay:4.1f} s -> exit {first:4d}; resumed x{restarts} -> "
               f"{'bit-exact' if diff is None else 'DIFFERS: ' + diff}{'; temp files left: ' + str(leftovers) if leftovers else ''}")
     print(f"{exact}/{args.trials} kill-and-resume trials ended bit-exact")
     return 0 if exact == args.trials else 1

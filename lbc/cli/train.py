@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +73,13 @@ class _ComposeGuard:
 
 def run_job(cfg: DictConfig) -> None:
     """One job: Hydra's output directory becomes ``run_dir``; errors are one line."""
-    from lbc.engine.trainer import run  # after the guard: importing the engine takes a second
-
     out = HydraConfig.get().runtime.output_dir
+    _job_dirs.append(out)
     with open_dict(cfg):
         cfg.run_dir = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out
     try:
+        from lbc.engine.trainer import run  # here, not at the top: importing the engine takes a second
+
         run(cfg)
     except signals.Stopped as e:  # SIGTERM / first Ctrl-C: the trainer saved what it could and logged one line
         signals.exit_process(e.exit_code)
@@ -86,11 +89,29 @@ def run_job(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
         rundir.remove_if_unused(out)
         fail(str(lbc_config.as_config_error(e)))
-    except KeyboardInterrupt:  # Ctrl-C before training started (the loop itself stops gracefully)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before training started (the loop stops gracefully)
         rundir.remove_if_unused(out)
-        fail("interrupted (SIGINT) before training started", 130)
+        _interrupted(e)
     except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
         fail(f"{e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint is in {cfg.run_dir})", 1)
+
+
+_job_dirs: list[str] = []  # Hydra's output directories of this process's jobs (cleaned after a failed start)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (start-up): handled like a Ctrl-C there, with its own exit status."""
+
+    signal_name, exit_code = "SIGTERM", 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    name, status = (err.signal_name, err.exit_code) if isinstance(err, _Terminated) else ("SIGINT", 130)
+    fail(f"stopped by {name} before training started; nothing was written (run the same command again)", status)
 
 
 def main() -> None:
@@ -99,6 +120,8 @@ def main() -> None:
         rundir.check_argv(sys.argv[1:])  # run_dir='' and the like: refused before Hydra creates anything there
     except ConfigError as e:
         fail(str(e))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # the loop has its own
     guard = _ComposeGuard()
 
     @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
@@ -106,8 +129,16 @@ def main() -> None:
         guard.release()
         run_job(cfg)
 
-    with guard:
-        task()
+    try:
+        with guard:
+            task()
+    except KeyboardInterrupt as e:  # while Hydra composes or starts the job
+        for out in _job_dirs:
+            rundir.remove_if_unused(out)
+        _interrupted(e)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     distributed.shutdown()  # under torchrun: leave the group and os._exit(0) (gloo can abort at exit)
 
 

@@ -112,3 +112,22 @@ def test_a_users_config_dir_adds_options(tmp_path):
     proc = lbc_train("--config-dir", str(tmp_path / "mine"), "model=tiny_vit", "model.depth=2", cwd=tmp_path,
                      timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: model.depth is not a known key; allowed: extra, name, source"
+
+
+def test_sigterm_during_start_up_is_one_line_exit_143_and_no_folder(tmp_path, monkeypatch):
+    """Before the loop's own handler (GracefulStop) is in place, SIGTERM still ends in our one line."""
+    import os
+    import signal
+
+    import lbc.engine.trainer as trainer
+
+    def build_then_killed(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM would, while the run is being built
+        raise AssertionError("SIGTERM did not interrupt the start-up")
+
+    monkeypatch.setattr(trainer, "run", build_then_killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = run_cli(*TINY, f"run_dir={tmp_path / 'run'}")
+    assert code == 143, err
+    assert err.strip() == "error: stopped by SIGTERM before training started; nothing was written (run the same command again)"
+    assert not (tmp_path / "run").exists() and signal.getsignal(signal.SIGTERM) is before  # handler given back

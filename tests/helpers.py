@@ -48,3 +48,20 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     finally:
         sys.argv = argv
     return code, out.getvalue(), err.getvalue()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two training checkpoints hold the same state: epoch, model, optimizer, schedule, sparsity, RNG."""
+    import torch
+
+    assert a["epoch"] == b["epoch"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+    assert a["scheduler"] == b["scheduler"] and a["sparsity"] == b["sparsity"]
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import lbc.engine.trainer as trainer
 from lbc.engine import checkpoint, rundir, signals
 from lbc.engine.signals import GracefulStop, Stopped, UntilStopped, stop_message
-from tests.helpers import PYTHON, ROOT, TINY, compose_config
+from tests.helpers import PYTHON, ROOT, TINY, assert_same_state, compose_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 LBC_TRAIN = str(Path(sys.executable).with_name("lbc-train"))
@@ -133,20 +132,6 @@ def straight(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     result = trainer.run(config(run_dir))
     return checkpoint.load(run_dir / "last.pt"), result
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a["epoch"] == b["epoch"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
-    assert a["scheduler"] == b["scheduler"] and a["sparsity"] == b["sparsity"]
-    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
 class SignalAt:

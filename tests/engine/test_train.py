@@ -6,31 +6,16 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import lbc.engine.trainer as trainer
 from lbc.engine import checkpoint
+from tests.helpers import assert_same_state
 
 REQUIRED = {"epoch", "train_loss", "top1", "top5", "lr", "seconds", "skipped"}
 
 
 def params(run_dir):
     return checkpoint.load(run_dir / "last.pt")
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a["epoch"] == b["epoch"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
-    assert a["scheduler"] == b["scheduler"]
-    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
-    assert a["sparsity"] == b["sparsity"]
 
 
 class Crash(RuntimeError):

@@ -90,9 +90,13 @@ class GracefulStop:
 
     # --- agreeing, under torchrun ---------------------------------------------------------------
 
-    def agreed(self) -> bool:
+    def agreed(self, communicate: bool = True) -> bool:
         """Whether any rank was asked to stop (every rank must call this at the same points);
-        ``bool(self.requested)`` in a single process. Once True it stays True without communicating."""
+        ``bool(self.requested)`` in a single process. Once True it stays True without communicating.
+
+        Under torchrun, ``communicate=False`` answers False without the all-reduce (unless already
+        agreed): the per-batch check asks the other ranks only every few steps, not on every step.
+        """
         if self._agreed:
             return True
         import torch.distributed as dist
@@ -100,6 +104,8 @@ class GracefulStop:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             self._agreed = self.requested is not None
             return self._agreed
+        if not communicate:
+            return False
         import torch
 
         if self._group is None:  # a CPU group for the flag: no CUDA sync in the training step
@@ -119,9 +125,13 @@ class GracefulStop:
         return f"GracefulStop(requested={self.requested!r})"
 
 
+AGREE_EVERY = 8  # under torchrun, steps between two all-reduces of the stop flag (a CPU round trip each)
+
+
 class UntilStopped:
     """Iterates ``loader`` but asks ``stop.agreed()`` before every batch it fetches (that is, after the
-    previous batch's optimizer step) and ends the iteration there if a stop was requested.
+    previous batch's optimizer step) and ends the iteration there if a stop was requested. Under
+    torchrun the ranks compare flags every :data:`AGREE_EVERY` steps (the same steps on every rank).
     ``taken`` is the number of batches handed out (= steps finished once the iteration ended);
     other attributes (``skipped``, ``set_epoch``, ``len()``) are the loader's."""
 
@@ -131,7 +141,7 @@ class UntilStopped:
     def __iter__(self) -> Iterator[Any]:
         self.taken = 0
         it = None  # made after the first check: a stopped run starts no DataLoader workers
-        while not self.stop.agreed():
+        while not self.stop.agreed(communicate=self.taken % AGREE_EVERY == 0):
             if it is None:
                 it = iter(self.loader)
             try:

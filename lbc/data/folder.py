@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset
@@ -19,7 +20,7 @@ from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch import Tensor
 
 from lbc.data.base import Datasets, check_declared
-from lbc.data.transforms import RATIO, SCALE, train_transform, val_transform
+from lbc.data.transforms import train_transform, val_transform
 from lbc.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -88,29 +89,20 @@ def build_folder(
     train_split: str = "train",
     val_split: str = "val",
     interpolation: str = "bilinear",
-    rand_augment: str | None = None,
-    reprob: float = 0.0,
-    re_mode: str = "pixel",
-    re_count: int = 1,
-    scale: Sequence[float] = SCALE,
-    ratio: Sequence[float] = RATIO,
-    hflip: float = 0.5,
-    color_jitter: float | None = None,
     crop_pct: float = DEFAULT_CROP_PCT,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     num_classes: int | None = None,
     input_size: Sequence[int] | None = None,
+    **train_options: Any,
 ) -> Datasets:
     """Train and val from ``root/<train_split>`` and ``root/<val_split>``; classes are the train classes.
 
-    The image options are ``timm.data.create_transform``'s (``rand_augment`` is its ``auto_augment``,
-    ``reprob`` its ``re_prob``); see ``lbc.data.transforms``.
+    The image options are ``timm.data.create_transform``'s; ``train_options`` are
+    :func:`~lbc.data.transforms.train_transform`'s keywords (``rand_augment``, ``reprob``,
+    ``re_mode``, ``re_count``, ``scale``, ``ratio``, ``hflip``, ``color_jitter``), named and typed there.
     """
-    train_tf = train_transform(
-        image_size, interpolation, rand_augment, reprob, re_mode=re_mode, re_count=re_count, scale=scale,
-        ratio=ratio, hflip=hflip, color_jitter=color_jitter, mean=mean, std=std,
-    )  # fmt: skip
+    train_tf = train_transform(image_size, interpolation, mean=mean, std=std, **train_options)
     val_tf = val_transform(image_size, interpolation, crop_pct, mean, std)  # config errors before a long scan
     root_dir = Path(root).expanduser()
     if not root_dir.is_dir():

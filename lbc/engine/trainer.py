@@ -179,6 +179,10 @@ def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
     seed_everything(cfg.seed)
     dist_on = distributed.is_distributed()
     train_loader = build_loader(datasets.train, train=True, seed=cfg.seed, distributed=dist_on, **loader_cfg)
+    if len(train_loader) == 0:  # drop_last with fewer images than one batch: no step at all
+        raise DataError(f"data.loader.batch_size={loader_cfg['batch_size']} is larger than the training split "
+                        f"({len(train_loader.sampler)} images per process) and the last partial batch is dropped: "
+                        "no training step; lower the batch size")
     val_cfg = {k: v for k, v in loader_cfg.items() if k not in ("repeated_aug", "drop_last")}
     val_loader = build_loader(datasets.val, train=False, seed=cfg.seed, distributed=dist_on, **val_cfg)
     mixup = build_mixup(num_classes=datasets.num_classes, **mixup_cfg)
@@ -199,10 +203,6 @@ def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
     groups += sp.param_groups(ocfg.weight_decay)
     extra = {k: v for k, v in as_kwargs(ocfg).items() if k in ("momentum", "nesterov", "betas", "eps")}
     optimizer = build_optimizer(ocfg.name, groups, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **extra)
-    if len(train_loader) == 0:  # drop_last with fewer images than one batch: no step at all
-        raise DataError(f"data.loader.batch_size={loader_cfg['batch_size']} is larger than the training split "
-                        f"({len(train_loader.sampler)} images per process) and the last partial batch is dropped: "
-                        "no training step; lower the batch size")
     steps = len(train_loader) if tcfg.max_steps_per_epoch is None else min(len(train_loader), tcfg.max_steps_per_epoch)
     scheduler = build_phased_scheduler(optimizer, sp.phases(), scfg.epochs, steps, warmup_epochs=scfg.warmup_epochs,
                                        warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr)

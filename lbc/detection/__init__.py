@@ -1,0 +1,1 @@
+"""COCO detection through MMDetection: model wrapper, hook and data (optional extra)."""

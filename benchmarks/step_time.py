@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 import lbc
-from lbc.engine.optim import build_optimizer, weight_decay_groups
+from lbc.engine.optim import build_optimizer, param_groups
 from lbc.sparsity import METHODS
 
 # name -> (sparsify options, epoch to put the method at before timing)
@@ -50,7 +50,7 @@ def make_step(variant: str, batch: int, size: int, device: torch.device) -> Call
     model = torchvision.models.resnet18(num_classes=100).to(device)
     sp = lbc.sparsify(model, **options)
     sp.update(epoch)
-    groups = weight_decay_groups(model, 5e-4, exclude=sp.score_parameters()) + sp.param_groups(5e-4)
+    groups = param_groups(model, sp, 5e-4)
     opt = build_optimizer("sgd", groups, lr=0.01, weight_decay=5e-4, momentum=0.9)  # as the trainer does
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)

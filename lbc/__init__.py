@@ -4,7 +4,8 @@
 >>> sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_i=0, t_f=60)
 """
 
+from lbc.engine.optim import param_groups
 from lbc.sparsity import METHODS, NMPattern, SparsityMethod, parse_pattern, sparsify
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "NMPattern", "SparsityMethod", "parse_pattern", "sparsify", "__version__"]
+__all__ = ["METHODS", "NMPattern", "SparsityMethod", "param_groups", "parse_pattern", "sparsify", "__version__"]

@@ -97,16 +97,12 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(b, src=0)
 
 
-def trainable_signature(model: nn.Module) -> tuple[bool, ...]:
-    """Which parameters require grad: DDP must be rebuilt when this changes."""
-    return tuple(p.requires_grad for p in model.parameters())
-
-
 def wrap(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
     """``model`` in DistributedDataParallel when distributed, else ``model`` itself.
 
-    Call again whenever :func:`trainable_signature` changes (a sparsity method froze its scores):
-    DDP fixes the set of parameters it reduces at construction.
+    DDP fixes the set of parameters it reduces at construction: a sparsity method's own tensors
+    must be excluded before (``SparsityMethod.exclude_from_ddp``), so that freezing its scores
+    later needs no new wrapper.
     """
     if not is_distributed():
         return model
@@ -131,34 +127,15 @@ def shutdown() -> None:
 class Replica:
     """The model as the training step calls it: DDP-wrapped (and compiled) when asked.
 
-    ``module`` is the plain model (state dicts, EMA, evaluation). :meth:`refresh` rebuilds the
-    wrapper when the tuple of ``requires_grad`` flags changed, e.g. after a sparsity method's
-    ``update`` froze its scores; it is cheap when nothing changed.
+    ``module`` is the plain model (state dicts, EMA, evaluation); it is wrapped once.
     """
 
     def __init__(
         self, module: nn.Module, device: torch.device, compile: bool = False, find_unused_parameters: bool = False
     ) -> None:
         self.module = module
-        self.device = device
-        self.compile = compile
-        self.find_unused_parameters = find_unused_parameters
-        self.signature: tuple[bool, ...] | None = None
-        self.rebuilds = -1
-        self.forward: nn.Module = module
-        self.refresh()
-
-    def refresh(self) -> bool:
-        signature = trainable_signature(self.module)
-        if signature == self.signature:
-            return False
-        self.signature = signature
-        self.rebuilds += 1
-        if self.rebuilds and is_distributed() and is_main():
-            log.info("ddp: trainable parameters changed (%d of %d); rebuilt the wrapper", sum(signature), len(signature))
-        wrapped = wrap(self.module, self.device, self.find_unused_parameters)
-        self.forward = torch.compile(wrapped) if self.compile else wrapped
-        return True
+        wrapped = wrap(module, device, find_unused_parameters)
+        self.forward: nn.Module = torch.compile(wrapped) if compile else wrapped
 
     def train(self, mode: bool = True) -> None:
         self.forward.train(mode)

@@ -53,8 +53,7 @@ def train_one_epoch(
         step = epoch * steps + i
         images, targets = batch
         seen += len(targets)
-        sparsity.update(epoch + i / steps)  # may freeze parameters: rewrap DDP if so
-        replica.refresh()
+        sparsity.update(epoch + i / steps)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if channels_last:

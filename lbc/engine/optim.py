@@ -9,6 +9,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from lbc.errors import ConfigError
+from lbc.sparsity.base import SparsityMethod
 
 # Parameters of these modules are never decayed (their scale is the point of them).
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -42,6 +43,14 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, exclude: Iterable
                 decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def param_groups(model: nn.Module, sparsity: SparsityMethod, weight_decay: float) -> list[dict]:
+    """Optimizer groups of a sparse model: its own parameters in :func:`weight_decay_groups`, without the
+    method's (``sparsity.score_parameters()``), plus the method's groups (LBC's scores, their decay)."""
+    return weight_decay_groups(model, weight_decay, exclude=sparsity.score_parameters()) + sparsity.param_groups(
+        weight_decay
+    )
 
 
 def build_optimizer(

@@ -32,7 +32,7 @@ from lbc.data import build_datasets, build_loader, build_mixup
 from lbc.engine import checkpoint, distributed, rundir, signals
 from lbc.engine.logging import RunLogger
 from lbc.engine.loop import evaluate, train_one_epoch
-from lbc.engine.optim import build_optimizer, build_phased_scheduler, weight_decay_groups
+from lbc.engine.optim import build_optimizer, build_phased_scheduler, param_groups
 from lbc.errors import DataError
 from lbc.io import load_model_weights
 from lbc.models import build_model
@@ -199,8 +199,7 @@ def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
 
     # --- optimizer, schedule (one cosine per phase of the method) ---------------------------
     ocfg, scfg = typed["optim"], typed["schedule"]
-    groups = weight_decay_groups(model, ocfg.weight_decay, exclude=sp.score_parameters())
-    groups += sp.param_groups(ocfg.weight_decay)
+    groups = param_groups(model, sp, ocfg.weight_decay)
     extra = {k: v for k, v in as_kwargs(ocfg).items() if k in ("momentum", "nesterov", "betas", "eps")}
     optimizer = build_optimizer(ocfg.name, groups, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **extra)
     steps = len(train_loader) if tcfg.max_steps_per_epoch is None else min(len(train_loader), tcfg.max_steps_per_epoch)
@@ -242,6 +241,7 @@ def fit(t: Training) -> dict[str, Any]:
 
 def _fit(t: Training, stop: signals.GracefulStop) -> dict[str, Any]:
     cfg, tcfg, sp, main = t.cfg, t.cfg.trainer, t.sparsity, distributed.is_main()
+    sp.exclude_from_ddp(t.model)  # scores, masks: the method's own, never in the DDP wrapper
     replica = distributed.Replica(t.model, t.device, compile=tcfg.compile, find_unused_parameters=tcfg.find_unused_parameters)
     logger = RunLogger(t.run_dir, enabled=main)
     if main:

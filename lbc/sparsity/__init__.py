@@ -20,14 +20,16 @@ __all__ = ["METHODS", "LayerSelection", "NMPattern", "SparsityMethod", "parse_pa
 
 
 def sparsify(
-    model: nn.Module, method: str = "lbc", *, input_size: Sequence[int] | None = None, **options: Any
+    model: nn.Module, method: str = "lbc", *, input_size: Sequence[int] | str | None = None, **options: Any
 ) -> SparsityMethod:
     """Attach sparsity ``method`` to ``model`` in place and return the method object.
 
     ``options`` are the method's keywords (``pattern``, ``exclude``, ``t_i``, ``t_f``, ...), checked
     against its options dataclass (``lbc.sparsity.options``, the same schema the config uses): an
     unknown key or a bad value is a one-line ConfigError naming ``sparsity.<key>``. ``input_size``
-    (C, H, W) weights the training-FLOPs figures by each layer's MACs.
+    weights the training-FLOPs figures by each layer's MACs: (C, H, W) counts them now on a made-up
+    input, ``"first_forward"`` measures them on the model's first real forward (for models that
+    cannot take a plain tensor, such as detectors), None weights layers by their weight counts.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"lbc.sparsify: model must be a torch.nn.Module, not {type(model).__name__}")

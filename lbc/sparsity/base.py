@@ -8,27 +8,36 @@ method's backward, so no trainer needs an "after backward" moment.
 
 The trainer (and any other loop, e.g. MMDetection hooks) talks to a method only through:
 ``score_parameters``, ``param_groups``, ``update(epoch)``, ``state_dict``/``load_state_dict``,
-``report``, ``masks``, ``milestones`` and ``finalize``.
+``report``, ``masks``, ``milestones``, ``exclude_from_ddp`` and ``finalize``.
+
+Under DistributedDataParallel the method's own tensors (scores, masks, alive sets) stay outside
+DDP (:meth:`SparsityMethod.exclude_from_ddp`): masks are equal on every rank by construction and
+score gradients are averaged by the method itself, so a method may stop its score work at any
+moment (LBC after t_f) without the DDP wrapper being rebuilt; mmengine wraps only once.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
 from lbc.errors import ConfigError
-from lbc.flops import TrainingFlops, layer_costs
+from lbc.flops import MacProbe, TrainingFlops, layer_costs
 from lbc.sparsity.nm import NMPattern, is_exactly_nm, is_nm, parse_pattern
 from lbc.sparsity.selection import select_layers
 
 log = logging.getLogger(__name__)
 
 _ORIGINAL = "parametrizations.weight.original"
+FIRST_FORWARD = "first_forward"  # input_size that measures each layer's MACs on the model's first forward
 
 
 def _save_dense_key(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -78,6 +87,17 @@ def float_view(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor
     return hit[1]
 
 
+def average_gradient_across_processes(param: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: average ``param.grad`` over the processes, as DDP would.
+
+    For parameters kept outside DDP (a method's scores). Averaging the accumulated gradient is
+    also right under gradient accumulation: the part already averaged is equal on every rank.
+    """
+    if param.grad is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(param.grad)
+        param.grad.div_(dist.get_world_size())
+
+
 class SparsityMethod:
     """Base class: attach/detach, masks, figures; layer selection and FLOPs are delegated.
 
@@ -95,7 +115,7 @@ class SparsityMethod:
         pattern: str | NMPattern = "2:4",
         exclude: str | Iterable[str] | None = None,
         strict: bool = False,
-        input_size: tuple[int, ...] | list[int] | None = None,
+        input_size: tuple[int, ...] | list[int] | str | None = None,
     ) -> None:
         taken = next((n for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")), None)
         if taken is not None:
@@ -115,12 +135,20 @@ class SparsityMethod:
                 "does not divide); pick another pattern or sparsity.exclude"
             )
         self._detached = False
-        self.flops = TrainingFlops(layer_costs(model, input_size), self.unit_cost)
+        # input_size: (C, H, W) counts MACs now with a made-up input; "first_forward" measures them on
+        # the model's first real forward (a detector cannot run a plain tensor); None: weight counts.
+        measure = input_size == FIRST_FORWARD
+        if input_size is not None and not measure and not isinstance(input_size, (tuple, list)):
+            raise ConfigError(f"input_size={input_size!r}; use (C, H, W), {FIRST_FORWARD!r} or None")
+        self.flops = TrainingFlops(layer_costs(model, None if measure else input_size), self.unit_cost, measure)
+        self._probe = MacProbe(model, self.flops.set_layer_cost) if measure else None
         self._handles: list[Any] = []
         for name, module in self.layers.items():
             parametrization = self.parametrization(name, module)
             if parametrization is not None:
                 self._handles += attach_parametrization(module, parametrization)
+        for param in self.score_parameters():
+            self._handles.append(param.register_post_accumulate_grad_hook(average_gradient_across_processes))
         self.epoch = 0.0
         self.flops.record(0.0, self.densities())
 
@@ -150,8 +178,35 @@ class SparsityMethod:
         return []
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Extra optimizer parameter groups for :meth:`score_parameters`."""
+        """Extra optimizer parameter groups for :meth:`score_parameters`.
+
+        The one way to build an optimizer for a sparse model: the model's parameters without
+        :meth:`score_parameters` (grouped as the loop likes), plus these groups.
+        """
         return []
+
+    def owned_tensor_names(self, root: nn.Module) -> list[str]:
+        """Names in ``root`` of the parameters and buffers the method owns (scores, masks, alive sets).
+
+        The dense weights (``...parametrizations.weight.original``) are the model's, not listed.
+        """
+        owned = {
+            id(t)
+            for module in self.layers.values()
+            if parametrize.is_parametrized(module, "weight")
+            for t in itertools.chain(module.parametrizations.weight[0].parameters(),
+                                     module.parametrizations.weight[0].buffers())
+        }
+        named = itertools.chain(root.named_parameters(remove_duplicate=False), root.named_buffers(remove_duplicate=False))
+        return sorted({name for name, t in named if id(t) in owned})
+
+    def exclude_from_ddp(self, root: nn.Module) -> None:
+        """Keep the method's tensors out of a DistributedDataParallel wrapping of ``root`` (call before wrapping).
+
+        DDP then neither broadcasts masks (equal on every rank) nor reduces scores (averaged by a
+        hook of the method), and a change of the scores' ``requires_grad`` needs no new wrapper.
+        """
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, self.owned_tensor_names(root))
 
     def update(self, epoch: float) -> None:
         """Advance the method to (fractional) ``epoch``; idempotent and cheap when nothing changes."""
@@ -204,12 +259,16 @@ class SparsityMethod:
             )
         self.epoch = float(state["epoch"])
         self.flops.load_state_dict(state)
+        if self.flops.measured and self._probe is not None:  # the saved run measured its layers already
+            self._probe.remove()
 
     def detach(self) -> None:
         """Remove the reparametrisations, leaving each weight as its masked value ``B * W``."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._probe is not None:
+            self._probe.remove()
         self._detached = True
         for module in self.layers.values():
             if parametrize.is_parametrized(module, "weight"):

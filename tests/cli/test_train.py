@@ -84,7 +84,8 @@ def test_cli_run_train_log_and_multirun(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_end_identical(tmp_path):
     run_dir = tmp_path / "ddp"
-    # LBC with t_f=1 freezes its scores during training: the DDP wrapper must be rebuilt.
+    # LBC with t_f=1 freezes its scores during training. Scores and masks stay outside DDP (no rebuild):
+    # the method averages the score gradients itself, so ranks that did not would differ here.
     args = [*TINY, "sparsity=lbc", "sparsity.t_f=1", f"run_dir={run_dir}"]
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/cli/ddp_job.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -96,7 +97,8 @@ def test_torchrun_two_processes_end_identical(tmp_path):
         assert torch.equal(a[k], b[k]), k
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # rank 0 alone writes
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
-    assert "rebuilt the wrapper" in proc.stdout
+    scores = [k for k in a if k.endswith(".scores")]
+    assert scores and all(a[k].unique().numel() > 1 for k in scores)  # learned during epoch 1, equal on both ranks
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pycocotools.coco as pycocotools_coco  # the README test command installs the det extra
 import pytest
 from PIL import Image
 
@@ -20,8 +21,6 @@ from lbc.detection import shapes
 from lbc.detection.shapes import CLASSES, check_coco_root, make_shapes_coco
 from lbc.errors import ConfigError
 from tests.helpers import ROOT
-
-pycocotools_coco = pytest.importorskip("pycocotools.coco")
 
 SMALL = {"train_images": 12, "val_images": 4, "image_size": 64, "max_objects": 3, "seed": 0}
 

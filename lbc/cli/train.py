@@ -5,15 +5,20 @@ own config directory with Hydra's ``--config-dir DIR`` (its files extend or repl
 A bad value stops with one line ``error: <key> ...`` on stderr and exit status 2, whether Hydra
 finds it while composing (an unknown key, a wrong type, a missing option) or our checks do.
 Under ``torchrun --nproc_per_node=K`` it trains with DDP.
+
+Which function runs the job is config: ``task.runner`` (``task=classification``, the default:
+``lbc.engine.trainer.run``; ``task=detection``: ``lbc.detection.runner.run``, MMDetection).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +83,7 @@ def run_job(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.run_dir = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out
     try:
-        from lbc.engine.trainer import run  # here, not at the top: importing the engine takes a second
-
-        run(cfg)
+        runner(cfg)(cfg)
     except signals.Stopped as e:  # SIGTERM / first Ctrl-C: the trainer saved what it could and logged one line
         signals.exit_process(e.exit_code)
     except (ConfigError, DataError) as e:
@@ -94,6 +97,29 @@ def run_job(cfg: DictConfig) -> None:
         _interrupted(e)
     except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
         fail(f"{e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint is in {cfg.run_dir})", 1)
+
+
+def runner(cfg: DictConfig) -> Callable[[DictConfig], Any]:
+    """The function that runs this job: ``task.runner`` (``lbc.engine.trainer.run`` for classification,
+    ``lbc.detection.runner.run`` for detection), imported here (importing an engine takes a second)."""
+    from hydra.utils import get_method
+
+    path = cfg.task.runner
+    quiet = logging.getLogger("hydra.utils")  # it logs a failed lookup on the console; ours is the one line
+    was = quiet.disabled
+    quiet.disabled = True
+    try:
+        return get_method(path)
+    except Exception as e:  # noqa: BLE001  (Hydra wraps the import error; its cause says what is missing)
+        cause = e.__cause__ or e
+        missing = getattr(cause, "name", None) if isinstance(cause, ImportError) else None
+        hint = {"mmdet": "; task=detection needs the detection extra: pip install -e '.[det]'",
+                "mmengine": "; task=detection needs the detection extra: pip install -e '.[det]'",
+                "mmcv": "; task=detection needs the detection extra: pip install -e '.[det]'"}.get(
+                    (missing or "").split(".")[0], "")
+        raise ConfigError(f"task.runner={path} cannot be loaded: {' '.join(str(cause).split())}{hint}") from None
+    finally:
+        quiet.disabled = was
 
 
 _job_dirs: list[str] = []  # Hydra's output directories of this process's jobs (cleaned after a failed start)

@@ -52,8 +52,8 @@ value is set in two places.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ OWNED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data.root (COCO layout)", ("*_dataloader.dataset.ann_file", "*_dataloader.dataset.data_prefix.img")),
     ("data.root (COCO layout)", ("*_evaluator.ann_file",)),
     ("data.classes", ("*_dataloader.dataset.metainfo.classes",)),
-    ("data.classes (their number)", ("model.*num_classes",)),
+    ("data.classes (their number)", ("model.**.num_classes",)),
     ("data.batch_size", ("train_dataloader.batch_size",)),
     ("data.val_batch_size", ("val_dataloader.batch_size", "test_dataloader.batch_size")),
     ("data.num_workers", ("*_dataloader.num_workers", "*_dataloader.persistent_workers")),
@@ -172,10 +172,18 @@ def _owner(key: str) -> str | None:
     """The Hydra key that owns mmengine ``key`` (or a key under / above it), else None."""
     for hydra_key, patterns in OWNED:
         for pattern in patterns:
-            if fnmatch.fnmatchcase(key, pattern) or fnmatch.fnmatchcase(key, pattern + ".*") \
-                    or fnmatch.fnmatchcase(pattern, key + ".*") or pattern.startswith(key + "."):
+            parts = pattern.split(".")
+            fixed = parts.index("**") if "**" in parts else len(parts)
+            above = (".".join(parts[:i]) for i in range(1, fixed))  # replacing a parent replaces the key
+            if _matches(key, pattern) or _matches(key, pattern + ".**") or any(_matches(key, p) for p in above):
                 return hydra_key
     return None
+
+
+def _matches(key: str, pattern: str) -> bool:
+    """``key`` matches ``pattern``: ``*`` is any text within one dotted part, ``**`` any number of parts."""
+    regex = re.escape(pattern).replace(r"\*\*", ".+").replace(r"\*", "[^.]*")
+    return re.fullmatch(regex, key) is not None
 
 
 def _check_cfg_options(flat: Mapping[str, Any]) -> None:

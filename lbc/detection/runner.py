@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -130,13 +131,17 @@ def _control_hook(stop: signals.GracefulStop) -> Any:
         priority = "LOWEST"
 
         def __init__(self) -> None:
-            self.started = False
+            self.looping = False  # the train loop began (a resume, if any, has loaded)
+            self.started = False  # a training iteration finished
             self.metrics: dict[str, Any] | None = None
             self._epoch_done = False
 
         def _asked(self, runner: Any, last: bool) -> bool:
             every = (runner.iter + 1) % signals.AGREE_EVERY == 0  # under torchrun: ask the other ranks now and then
             return stop.agreed(communicate=every or last)
+
+        def before_train(self, runner: Any) -> None:
+            self.looping = True
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
             self.started = True
@@ -190,11 +195,23 @@ def _cleanup_failed_start(run_dir: Path, started: Any) -> Iterator[None]:
         raise
 
 
-def _quiet_console(runner: Any) -> None:
-    """trainer.progress=false: mmengine's console handler shows warnings only (its log file keeps everything)."""
-    for handler in runner.logger.handlers:
-        if type(handler) is logging.StreamHandler:
-            handler.setLevel(logging.WARNING)
+class _Discard:
+    """A stdout that writes nothing (``trainer.progress=false``)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _console(progress: bool) -> contextlib.AbstractContextManager[Any]:
+    """``trainer.progress=false``: what mmengine and pycocotools print to stdout is dropped (mmengine's log
+    file in the run dir keeps all of it); lbc's own lines (start, done, a stop) still reach the console."""
+    return contextlib.nullcontext() if progress else contextlib.redirect_stdout(_Discard())
 
 
 # --- the result ------------------------------------------------------------------------------------
@@ -242,23 +259,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     _check_inputs(typed)
+    mm = to_mmengine(cfg, typed)  # model.cfg_options and the groups' values checked before any data is written
     prepare_data(typed["data"])
     current = OmegaConf.to_container(cfg, resolve=True)
     lock = rundir.claim(run_dir)  # one run at a time in run_dir (rank 0 holds it), else one line
     try:
-        return _run(cfg, typed, run_dir, current, device.type)
+        return _run(cfg, typed, mm, run_dir, current, device.type)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: DictConfig, typed: Mapping[str, Any], run_dir: Path, current: dict[str, Any], device: str) -> dict[str, Any]:
+def _run(cfg: DictConfig, typed: Mapping[str, Any], mm: Any, run_dir: Path, current: dict[str, Any],
+         device: str) -> dict[str, Any]:
     from mmengine.runner import Runner
 
     from lbc.detection.plugin import find_sparsity, mmengine_safe_globals
 
     resume_from = _check_resume(run_dir, current)
-    mm = to_mmengine(cfg, typed)
     stop = signals.GracefulStop()
     control = _control_hook(stop)
     with _cleanup_failed_start(run_dir, lambda: control.started):
@@ -268,20 +286,25 @@ def _run(cfg: DictConfig, typed: Mapping[str, Any], run_dir: Path, current: dict
             log.info("lbc: %s on %s, sparsity %s, %s, %d process(es), %d epochs%s; run dir %s", cfg.model.name,
                      cfg.data.name, cfg.sparsity.method, device, distributed.world_size(), cfg.schedule.epochs,
                      where, run_dir)
-        with mmengine_safe_globals():
+        with mmengine_safe_globals(), _console(typed["trainer"].progress):
             try:
                 runner = Runner.from_cfg(mm)
             except (TypeError, KeyError) as e:  # mmengine's registry: a bad type or keyword in the built config
                 raise ConfigError(f"building the detector from model.mmdet_config={cfg.model.mmdet_config} failed: "
                                   f"{' '.join(str(e).split())} (check model.cfg_options)") from None
             runner.register_hook(control, priority="LOWEST")
-            if not typed["trainer"].progress:
-                _quiet_console(runner)
             try:
                 with stop:
                     runner.train()
             except _Stop as e:
                 raise _stopped(stop, e, run_dir) from None
+            except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+                if resume_from is None or control.looping:
+                    raise
+                reason = next((ln.strip() for ln in str(e).splitlines() if "error:" in ln.lower()),
+                              str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                raise ConfigError(f"run_dir={run_dir}: cannot resume from {resume_from}: {reason}; start a new "
+                                  f"run_dir, or remove {run_dir / 'last_checkpoint'} to start this one over") from None
 
     metrics = control.metrics if control.metrics is not None else _last_metrics(run_dir)
     result = _result(metrics, find_sparsity(runner.model).report().get("scalars", {}), run_dir)

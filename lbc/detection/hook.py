@@ -1,0 +1,145 @@
+"""``SparsityHook``: drives a :class:`~lbc.detection.model.SparseDetector`'s sparsity method inside mmengine's loops.
+
+mmengine owns the loop; the method needs five moments of it: before each train iteration (advance the
+schedule to the fractional epoch), the log moment (scalars into the message hub, so LoggerHook prints them
+and the visualiser's backends write them), the end of each validation (one JSON line per epoch), saving and
+loading a checkpoint (the schedule's bookkeeping and the RNG states travel with it, so a resumed run continues
+exactly), and the end of training (the method's final promise is checked).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mmdet.registry import HOOKS
+from mmengine.dist import is_main_process
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+
+from lbc.engine.checkpoint import rng_state, set_rng_state
+from lbc.errors import ConfigError
+from lbc.sparsity import SparsityMethod
+
+__all__ = ["SparsityHook", "find_sparsity"]
+
+STATE_KEY = "lbc_sparsity"  # the method's schedule bookkeeping in an mmengine checkpoint
+RNG_KEY = "lbc_rng"  # torch / cuda / numpy / python RNG states at the moment the checkpoint was saved
+
+
+def find_sparsity(model: Any) -> SparsityMethod:
+    """The sparsity method of ``model`` (a SparseDetector, possibly wrapped by DDP / an mmengine wrapper)."""
+    module = model.module if is_model_wrapper(model) else model
+    sparsity = getattr(module, "sparsity", None)
+    if not isinstance(sparsity, SparsityMethod):
+        raise ConfigError(f"SparsityHook needs model=dict(type='SparseDetector', ...); the model is "
+                          f"{type(module).__name__}")
+    return sparsity
+
+
+@HOOKS.register_module()
+class SparsityHook(Hook):
+    """Advance, log, checkpoint and finalise the SparseDetector's sparsity method.
+
+    Args:
+        log_interval: train iterations between updates of the ``train/sparsity/<name>`` scalars in the
+            message hub (also at each epoch's first and last iteration and whenever the masks change).
+        metrics_file: file in the run's work_dir that gets one JSON line per validation (rank 0):
+            ``{"epoch", "iter", <val metrics>, <sparsity scalars>}``.
+    """
+
+    priority = "NORMAL"  # runs before LoggerHook (BELOW_NORMAL): the logged scalars are this iteration's
+
+    def __init__(self, log_interval: int = 50, metrics_file: str = "metrics.jsonl") -> None:
+        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
+            raise ConfigError(f"SparsityHook log_interval={log_interval!r} is not allowed; use an integer >= 1")
+        if not isinstance(metrics_file, str) or not metrics_file or Path(metrics_file).is_absolute():
+            raise ConfigError(f"SparsityHook metrics_file={metrics_file!r} is not allowed; use a file name "
+                              "relative to the work_dir")
+        self.log_interval = log_interval
+        self.metrics_file = metrics_file
+        self._changed = False  # the last update changed the masks: log the scalars now
+        self._rng_before_val: dict[str, Any] | None = None
+
+    # --- training -----------------------------------------------------------------------------
+    def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        """Advance the method to the fractional epoch ``iter / iters per epoch`` (idempotent)."""
+        sparsity = find_sparsity(runner.model)
+        before = _mask_versions(sparsity)
+        sparsity.update(runner.iter / len(runner.train_dataloader))
+        self._changed = _mask_versions(sparsity) != before
+
+    def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        """Put the sparsity scalars into the message hub every ``log_interval`` iterations (and on changes)."""
+        due = (self._changed or batch_idx == 0 or self.every_n_train_iters(runner, self.log_interval)
+               or self.end_of_epoch(runner.train_dataloader, batch_idx))
+        if due:
+            for name, value in find_sparsity(runner.model).report()["scalars"].items():
+                runner.message_hub.update_scalar(f"train/sparsity/{name}", value)
+        self._changed = False
+
+    def after_train(self, runner: Any) -> None:
+        """Advance to the final epoch, check the method's promise (``finalize``) and log a one-line summary."""
+        sparsity = find_sparsity(runner.model)
+        before = _mask_versions(sparsity)
+        sparsity.update(runner.iter / len(runner.train_dataloader))
+        if _mask_versions(sparsity) != before:
+            runner.logger.warning("sparsity: the schedule removed candidates at the end of training (t_f at or "
+                                  "past the last epoch): the model in memory has the final masks, but the last "
+                                  "checkpoint and validation predate them; use a t_f below the epochs trained")
+        sparsity.finalize()
+        scalars = sparsity.report()["scalars"]
+        figures = ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+        runner.logger.info(f"sparsity {sparsity.name} {sparsity.pattern} at epoch {sparsity.epoch:g}: {figures}")
+
+    # --- validation ---------------------------------------------------------------------------
+    def before_val(self, runner: Any) -> None:
+        """Keep the RNG states: validation must not change the training's random stream (exact resume)."""
+        self._rng_before_val = rng_state()
+
+    def after_val(self, runner: Any) -> None:
+        if self._rng_before_val is not None:
+            set_rng_state(self._rng_before_val)
+            self._rng_before_val = None
+
+    def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
+        """Append ``{"epoch", "iter", <val metrics>, <sparsity scalars>}`` to ``<work_dir>/<metrics_file>`` (rank 0)."""
+        if not is_main_process():
+            return
+        line: dict[str, Any] = {"epoch": runner.epoch, "iter": runner.iter}
+        line.update({k: _plain(v) for k, v in (metrics or {}).items()})
+        line.update(find_sparsity(runner.model).report()["scalars"])
+        path = Path(runner.work_dir) / self.metrics_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, sort_keys=False) + "\n")
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        """Store the schedule's bookkeeping and the RNG states (tensors, numbers: weights-only loadable)."""
+        checkpoint[STATE_KEY] = find_sparsity(runner.model).state_dict()
+        checkpoint[RNG_KEY] = rng_state()
+
+    def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        """Restore the schedule's bookkeeping (masks and scores come with the model's state dict) and RNGs."""
+        if STATE_KEY in checkpoint:
+            find_sparsity(runner.model).load_state_dict(checkpoint[STATE_KEY])
+        if RNG_KEY in checkpoint:
+            set_rng_state(checkpoint[RNG_KEY])
+
+
+def _mask_versions(sparsity: SparsityMethod) -> tuple[int, ...]:
+    """Version counters of the layers' mask buffers: they change exactly when a mask is rewritten."""
+    masks = (sparsity.layer_mask(name) for name in sparsity.layers)
+    return tuple(-1 if m is None else m._version for m in masks)
+
+
+def _plain(value: Any) -> Any:
+    """A metric as a JSON value (numpy / torch scalars to floats; NaN and inf to None)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,17 @@
+"""Registers lbc's MMDetection components; a plain mmdet config needs only
+``custom_imports = dict(imports=["lbc.detection.plugin"], allow_failed_imports=False)``.
+
+Registered (mmdet registries, scope ``mmdet``): MODELS ``SparseDetector``, HOOKS ``SparsityHook``,
+OPTIM_WRAPPER_CONSTRUCTORS ``SparsityOptimWrapperConstructor``. Checkpoints of these runs load under
+:func:`mmengine_safe_globals` (torch's weights-only loading).
+"""
+
+from __future__ import annotations
+
+from lbc.detection.checkpoint import mmengine_safe_globals
+from lbc.detection.hook import SparsityHook, find_sparsity
+from lbc.detection.model import SparseDetector
+from lbc.detection.optim import SparsityOptimWrapperConstructor
+
+__all__ = ["SparseDetector", "SparsityHook", "SparsityOptimWrapperConstructor", "find_sparsity",
+           "mmengine_safe_globals"]

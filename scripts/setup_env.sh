@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install lbc into it, editable, with its test extra, at the exact
+# Create .venv (if missing) and install lbc into it, editable, with its test and export extras, at the exact
 # versions of requirements.txt (the lock, used as pip constraints): torch and torchvision first, then
 # the package. Idempotent: when everything is installed at the locked versions it returns in seconds.
 #
@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 import lbc
 if Path(lbc.__file__).resolve().parent != Path("lbc").resolve() or md.version("lbc") != lbc.__version__:
     sys.exit(1)
-if not all(Path(sys.executable).with_name(s).exists() for s in ("lbc-train", "lbc-summary", "lbc-torchrun")):
+if not all(Path(sys.executable).with_name(s).exists() for s in ("lbc-train", "lbc-summary", "lbc-torchrun", "lbc-export", "lbc-check")):
     sys.exit(1)
 for lock in os.environ["LBC_LOCKS"].split():
     for line in Path(lock).read_text().splitlines():
@@ -51,8 +51,8 @@ if [ "$DET" = 1 ]; then
   "$VPY" -m pip install -c requirements-det.txt setuptools wheel
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip install --no-build-isolation \
     -c requirements.txt -c requirements-det.txt mmcv
-  "$VPY" -m pip install -c requirements.txt -c requirements-det.txt -e ".[test,det]"
+  "$VPY" -m pip install -c requirements.txt -c requirements-det.txt -e ".[test,det,export]"
 else
-  "$VPY" -m pip install -c requirements.txt -e ".[test]"
+  "$VPY" -m pip install -c requirements.txt -e ".[test,export]"
 fi
 echo "setup_env: done (.venv)"

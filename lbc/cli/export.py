@@ -1,0 +1,108 @@
+"""``lbc-export``: a run's sparse model as plain weights (masks folded in), its config and an N:M report.
+
+    lbc-export outputs/my_run --out exported/my_run            # run dir (its last.pt) or a checkpoint file
+    lbc-export outputs/my_run --out exported/my_run --onnx     # also model.onnx (checked with onnxruntime)
+    lbc-export outputs/my_run --out exported/my_run --ema      # the EMA weights (trainer.ema=true runs)
+    lbc-export outputs/my_run --out exported/my_run --accelerate   # + 2:4 sparse tensor-core timing (CUDA)
+
+Writes DIR/model.safetensors (the model's own state-dict keys: load it with load_state_dict into the
+model built from DIR/config.yaml, e.g. lbc.export.load_exported(DIR)), DIR/config.yaml and
+DIR/report.json (per layer: pattern, density, N:M or not). Bad input: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lbc.errors import ConfigError
+from lbc.export import ONNX_OPSET, atomic_write, export_run, format_checks, report_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line), export, print the per-layer table; the exit status."""
+    parser = argparse.ArgumentParser(prog="lbc-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its last.pt) or a checkpoint")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write the export into")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights the run kept (trainer.ema=true)")
+    parser.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (dynamic batch), "
+                        "checked against PyTorch with onnxruntime")
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
+    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
+                        help="input size for the checks and ONNX (default: the run's data.input_size)")
+    parser.add_argument("--accelerate", action="store_true", help="on a GPU with sparse tensor cores: time the "
+                        "export dense vs 2:4 (lbc.accelerate) and add it to report.json; elsewhere say why not")
+    parser.add_argument("--batch", type=int, default=64, help="batch size of the --accelerate timing (default 64)")
+    parser.add_argument("--quiet", action="store_true", help="no per-layer table")
+    args = parser.parse_args(argv)
+    say = (lambda line: None) if args.quiet else (lambda line: print(f"lbc-export: {line}", flush=True))
+    try:
+        if args.opset < 7:
+            raise ConfigError(f"--opset {args.opset}: use 7 or newer (default {ONNX_OPSET})")
+        if args.batch < 1:
+            raise ConfigError(f"--batch {args.batch}: use a positive integer")
+        if args.input_size is not None and min(args.input_size) < 1:
+            raise ConfigError(f"--input-size {args.input_size}: use positive sizes")
+        folded, report = export_run(args.source, args.out, ema=args.ema, onnx=args.onnx, opset=args.opset,
+                            input_size=args.input_size, say=say)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(format_checks(folded.layers, folded.pattern))
+    params = sum(v.numel() for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
+    nonzero = sum(int((v != 0).sum()) for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
+    nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
+    checked = (f"outputs equal the masked model's (max |diff| {report['max_abs_diff']:.3g})"
+               if report["max_abs_diff"] is not None else "outputs not checked (no input size)")
+    onnx = (f", model.onnx (onnxruntime max |diff| {report['onnx']['onnxruntime_max_abs_diff']:.3g})"
+            if "onnx" in report else "")
+    print(f"exported {report['model']} ({report['method']} {report['pattern']}, epoch {report['epoch']}, "
+          f"{report['weights']} weights) to {args.out}: model.safetensors, config.yaml, report.json{onnx}; "
+          f"{report['nm_layers']} layers {nm} {report['pattern']}, conv/linear weights {nonzero}/{params} non-zero; "
+          f"{checked}")
+    if args.accelerate:
+        report["acceleration"] = accelerate_and_time(args.out, folded.config.get("input_size"), args.batch)
+        atomic_write(Path(args.out) / "report.json", lambda p: p.write_text(report_json(report)))
+    return 0
+
+
+def accelerate_and_time(out: str, input_size: list[int] | None, batch: int) -> dict[str, Any]:
+    """Load the export on the GPU in fp16, dense vs ``lbc.accelerate``d: outputs and latency; the reason if it cannot."""
+    import copy
+
+    import torch
+
+    from lbc.accelerate import accelerate, compare_latency, hardware_reason, latency_ms
+    from lbc.export import load_exported
+
+    why = hardware_reason()
+    if why is None and not input_size:
+        why = "the input size is unknown: pass --input-size C H W"
+    if why is not None:
+        print(f"accelerate: not run: {why}")
+        return {"converted": 0, "reason": why}
+    dense = load_exported(out, device="cuda").half()
+    sparse = copy.deepcopy(dense)
+    result = accelerate(sparse, quiet=True)
+    if not result:
+        print(f"accelerate: not run: {result.reason}")
+        return {"converted": 0, "reason": result.reason}
+    x = torch.randn(batch, *input_size, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        diff = float((sparse(x).float() - dense(x).float()).abs().max())
+    ms = compare_latency({"dense": lambda: latency_ms(dense, x), "sparse": lambda: latency_ms(sparse, x)})
+    line = {"device": torch.cuda.get_device_name(), "dtype": "float16", "batch": batch, "backend": result.backend,
+            "converted": len(result.converted), "dense_ms": ms["dense"], "sparse_ms": ms["sparse"],
+            "ratio": ms["sparse"] / ms["dense"], "max_abs_diff": diff}
+    print(f"accelerate: {line['device']}, float16, batch {batch}: {len(result.converted)} layers 2:4 "
+          f"({result.backend}); dense {ms['dense']:.2f} ms, sparse {ms['sparse']:.2f} ms, "
+          f"ratio {line['ratio']:.3f} (sparse/dense); max |diff| {diff:.3g}")
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 def _model_for(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> tuple[torch.nn.Module | None, str, list[str] | None, str]:
     """(model on the meta device or None, pattern, exclude globs, where the layer list comes from)."""
     config_path = Path(args.weights).with_name("config.yaml")
+    config, note = None, "no --model, no config.yaml beside it"
+    if args.model is None and config_path.is_file():
+        try:
+            config = read_export_config(config_path)
+        except ConfigError:  # some other tool's config.yaml: not ours to read
+            note = f"no --model; {config_path} is not an lbc export's config"
     if args.model is not None:
         options = {}
         for item in args.model_option:
@@ -85,8 +91,7 @@ def _model_for(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> tupl
         num_classes = infer_num_classes(model_cfg, state, args.num_classes)
         source = f"model {args.model}"
         pattern, exclude = args.pattern or "2:4", args.exclude
-    elif config_path.is_file():
-        config = read_export_config(config_path)
+    elif config is not None:
         model_cfg, num_classes = dict(config["model"]), int(config["num_classes"])
         sparsity = config.get("sparsity") or {}
         source = f"model {model_cfg.get('name')} from {config_path}"
@@ -95,7 +100,7 @@ def _model_for(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> tupl
     else:
         if args.model_option or args.num_classes is not None:
             raise ConfigError("--model-option and --num-classes need --model")
-        return None, args.pattern or "2:4", args.exclude, "layers read from the file's shapes (no --model, no config.yaml)"
+        return None, args.pattern or "2:4", args.exclude, f"layers read from the file's shapes ({note})"
     with torch.device("meta"):  # sizes only: no memory, no initialisation
         model = build_model(num_classes=num_classes, **model_cfg)
     return model, pattern, exclude, source

@@ -395,4 +395,5 @@ def to_mmengine(cfg: DictConfig, typed: Mapping[str, Any]) -> Any:
     init = None if model.backbone_init == "random" else str(Path(os.path.expanduser(model.backbone_init)).absolute())
     mm["model"] = ConfigDict(type="SparseDetector", detector=mm["model"], sparsity=sparsity_options(typed),
                              parts=list(model.sparsify_parts), init_backbone=init)
-    return mm
+    # named after the model option: mmengine dumps it as <run_dir>/<model.name>.py and names the run after it
+    return Config(mm.to_dict(), cfg_text=mm.text, filename=f"{model.name}.py")

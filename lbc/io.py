@@ -110,6 +110,8 @@ def read_pt(path: str | Path, key: str) -> Any:
         raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_unpickler_line(err)}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_first_line(err)}") from None
+    except (KeyError, IndexError, TypeError, AttributeError):  # text or random bytes read as a pickle stream
+        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: not a torch save file") from None
 
 
 def _unpickler_line(err: BaseException) -> str:

@@ -396,3 +396,13 @@ def test_payload_through_lbc_train_never_runs(tmp_path, how):
     code, out, err = run_cli(*TINY, *extra, f"run_dir={run_dir}")
     assert code == 2 and err.count("\n") == 1 and "(pickled code); lbc loads weights only" in err, err
     assert not marker.exists() and "done:" not in out
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(256)) * 4, b""])
+def test_text_or_random_bytes_are_one_line(tmp_path, content):
+    path = tmp_path / "not_a_checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        read_pt(path, "trainer.init_from")
+    assert str(err.value).startswith(f"trainer.init_from='{path}' is not a readable checkpoint")
+    assert "\n" not in str(err.value)

@@ -51,6 +51,9 @@ def test_wheel_ships_configs_dependencies_and_console_scripts(wheel):
     assert meta["Version"] == lbc.__version__  # one version, read from lbc/__init__.py
     assert "lbc-train = lbc.cli.train:main" in scripts and "lbc-summary = lbc.cli.summary:main" in scripts
     assert "lbc-torchrun = lbc.cli.torchrun:main" in scripts
+    assert "lbc-export = lbc.cli.export:main" in scripts and "lbc-check = lbc.cli.check:main" in scripts
+    extras = {r.split(";", 1)[1].split("==")[-1].strip(" '\"") for r in meta.get_all("Requires-Dist") if ";" in r}
+    assert {"test", "det", "export"} <= extras and {"det", "export", "test"} <= set(meta.get_all("Provides-Extra"))
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
 
 

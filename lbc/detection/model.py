@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from mmdet.registry import MODELS
+from mmengine.config import ConfigDict
 from mmengine.model import BaseModel
 from torch import nn
 from torch.nn.utils import parametrize
@@ -34,7 +35,7 @@ def default_exclude(detector: nn.Module, parts: Sequence[str]) -> list[str]:
     backbone's first Conv2d (mmdet ResNet: ``backbone.conv1``); a deep stem (ResNetV1c/d: ``backbone.stem``)
     is kept dense as a whole.
     """
-    children = [name for name, _ in detector.named_children()]
+    children = [name for name, _ in detector.named_children() if name != "data_preprocessor"]  # no layers there
     unknown = [p for p in parts if p not in children]
     if isinstance(parts, str) or unknown or not parts:
         bad = parts if isinstance(parts, str) or not parts else unknown[0]
@@ -101,7 +102,7 @@ class SparseDetector(BaseModel):
             raise ConfigError(f"SparseDetector detector={detector!r} is not allowed; use a detector config dict "
                               "with a type (e.g. dict(type='MaskRCNN', ...))")
         options = _sparsity_options(sparsity)
-        detector = dict(detector)
+        detector = ConfigDict(detector)  # mmdet reads nested configs by attribute (train_cfg.rpn)
         if data_preprocessor is not None:
             detector["data_preprocessor"] = data_preprocessor
         built = MODELS.build(detector)

@@ -51,7 +51,16 @@ class SparsityOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             groups = []
             self.add_params(groups, model)  # one group per parameter, mmengine's rules
             groups = [g for g in groups if not any(id(p) in owned for p in g["params"])]
-        groups += sparsity.param_groups(float(optimizer_cfg.get("weight_decay", 0.0)))
+        groups += sparsity.param_groups(_weight_decay(optimizer_cfg, optimizer_cls))
         optimizer_cfg[first_arg] = [g for g in groups if g["params"]]
         optimizer = OPTIMIZERS.build(optimizer_cfg)
         return OPTIM_WRAPPERS.build(wrapper_cfg, default_args={"optimizer": optimizer})
+
+
+def _weight_decay(optimizer_cfg: dict, optimizer_cls: Any) -> float:
+    """The optimizer's weight decay: the config's, else the optimizer class's default (AdamW: 0.01), else 0."""
+    if optimizer_cfg.get("weight_decay") is not None:
+        return float(optimizer_cfg["weight_decay"])
+    param = inspect.signature(optimizer_cls).parameters.get("weight_decay")
+    default = None if param is None else param.default
+    return float(default) if isinstance(default, (int, float)) else 0.0

@@ -38,6 +38,7 @@ trainer.max_keep_checkpoints                    default_hooks.checkpoint.max_kee
 trainer.device                                  env_cfg.dist_cfg.backend (nccl on cuda, gloo on cpu)
 seed, trainer.deterministic                     randomness (seed, deterministic)
 (torchrun)                                      launcher (pytorch under torchrun, else none)
+(torchrun on cpu)                               model_wrapper_cfg (DDP without device_ids: mmengine's default is GPU-only)
 (run_dir holds a checkpoint)                    resume (True: mmengine continues from run_dir/last_checkpoint)
 model.cfg_options                               any other key, e.g. model.rpn_head.feat_channels
 ==============================================  ========================================================================
@@ -106,6 +107,7 @@ OWNED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("trainer.device", ("env_cfg.dist_cfg.backend",)),
     ("seed, trainer.deterministic", ("randomness",)),
     ("(torchrun)", ("launcher",)),
+    ("(torchrun on cpu)", ("model_wrapper_cfg",)),
     ("(run_dir holds a checkpoint)", ("resume", "load_from")),
 )
 
@@ -344,6 +346,9 @@ def owned_values(cfg: DictConfig, typed: Mapping[str, Any], mm: Any) -> dict[str
     values["env_cfg.dist_cfg.backend"] = "nccl" if _device_type(trainer.device) == "cuda" else "gloo"
     values["randomness"] = dict(seed=int(cfg.seed), deterministic=bool(trainer.deterministic))
     values["launcher"] = _launcher()
+    if values["launcher"] == "pytorch" and values["env_cfg.dist_cfg.backend"] == "gloo":
+        values["model_wrapper_cfg"] = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                           find_unused_parameters=bool(mm.get("find_unused_parameters", False)))
     values["resume"] = checkpoint_in(values["work_dir"]) is not None
     values["load_from"] = None
     return values

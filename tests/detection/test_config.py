@@ -316,3 +316,13 @@ def test_classification_default_config_is_todays_plus_the_task(tmp_path):
     assert now_rest == before_rest
     assert OmegaConf.is_missing(before, "task")  # only the new group sets it
     assert validate(compose_config())["optim"].lr == 0.1 and lbc_config.SCHEMAS["schedule"]["cosine"]
+
+
+def test_under_torchrun_on_cpu_the_ddp_wrapper_takes_no_device_ids(shapes_root, monkeypatch):
+    """mmengine's default wrapper passes device_ids=[LOCAL_RANK], which DDP refuses for a CPU model."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg, typed = detection(f"data.root={shapes_root}", "trainer.device=cpu")
+    mm = to_mmengine(cfg, typed)
+    assert mm.launcher == "pytorch" and mm.env_cfg.dist_cfg.backend == "gloo"
+    assert mm.model_wrapper_cfg.type == "MMDistributedDataParallel" and mm.model_wrapper_cfg.device_ids is None

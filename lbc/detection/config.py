@@ -39,7 +39,7 @@ trainer.device                                  env_cfg.dist_cfg.backend (nccl o
 seed, trainer.deterministic                     randomness (seed, deterministic)
 (torchrun)                                      launcher (pytorch under torchrun, else none)
 (torchrun on cpu)                               model_wrapper_cfg (DDP without device_ids: mmengine's default is GPU-only)
-(run_dir holds a checkpoint)                    resume (True: mmengine continues from run_dir/last_checkpoint)
+(run_dir holds a checkpoint)                    resume (True: mmengine continues from run_dir/last_checkpoint), load_from (None)
 model.cfg_options                               any other key, e.g. model.rpn_head.feat_channels
 ==============================================  ========================================================================
 

@@ -224,6 +224,7 @@ class LBC(SparsityMethod):
         parsed = parse_pattern(pattern)
         self.score_init = _score_init(score_init, parsed)
         self.removed = 0
+        self._frozen_scores: set[int] = set()  # ids of the scores this method turned requires_grad off for
         self._check_memory(model, parsed)
         super().__init__(model, parsed, **common)
         self._freeze_if_final()  # scores of the magnitude/gradient criteria never need a gradient
@@ -286,11 +287,19 @@ class LBC(SparsityMethod):
     def _freeze_if_final(self) -> None:
         # One candidate left: the mask can never change again, so score work is pure waste.
         # Magnitude and gradient criteria never learn the scores.
+        # Only scores this method froze are ever unfrozen: scores someone else froze (mmdet's
+        # frozen_stages turns off every parameter of a stage) stay as they were left.
         final = self.removed >= self.pattern.num_candidates - 1
         learned = self.criterion in LEARNED_CRITERIA
         for scores in self.score_parameters():
-            scores.requires_grad_(learned and not final)
-            if final or not learned:
+            if learned and not final:
+                if id(scores) in self._frozen_scores:
+                    scores.requires_grad_(True)
+                    self._frozen_scores.discard(id(scores))
+            else:
+                if scores.requires_grad:
+                    scores.requires_grad_(False)
+                    self._frozen_scores.add(id(scores))
                 scores.grad = None
         for state in self._states():
             state.tracking = state.grad_accum is not None and not final

@@ -267,3 +267,21 @@ def test_removal_and_masks_match_the_sort_and_the_incidence_matrix(pattern):
     assert sp.removed > 0 and torch.equal(state.alive, expected)
     reference = (expected.float() @ candidate_matrix(p)) > 0
     assert torch.equal(to_groups(state.mask, p.m), reference)
+
+
+def test_scores_of_a_frozen_layer_stay_frozen_through_removals():
+    """mmdet's frozen_stages turns requires_grad off for a stage's weights and scores: a removal must not turn it on."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_i=0, t_f=4, exclude=[])
+    for p in model[1].parameters():  # what mmdet's _freeze_stages does: every parameter of the stage
+        p.requires_grad_(False)
+    sp.update(1)  # a removal
+    assert sp.removed > 0
+    assert not model[1].parametrizations.weight[0].scores.requires_grad
+    assert model[0].parametrizations.weight[0].scores.requires_grad and model[2].parametrizations.weight[0].scores.requires_grad
+    sp.update(4)  # final: the method freezes the rest ...
+    assert not any(s.requires_grad for s in sp.score_parameters())
+    state = sp.state_dict()
+    state["removed"] = 1  # ... and unfreezes only those when an earlier state is loaded
+    sp.load_state_dict(state)
+    assert [s.requires_grad for s in sp.score_parameters()] == [True, False, True]

@@ -226,9 +226,10 @@ def _check_optimizer(saved: Any, expected: Mapping[str, Any], where: str) -> Non
 # --- which config changes a resumed run can honour ----------------------------------------------
 
 # Keys that do not change what is trained: where the run writes and reads, how it reports, where
-# it runs; compare_config skips them.
+# it runs; compare_config skips them. ``task`` picks the runner: it cannot change while the model
+# and data stay (those are refused), and checkpoints from before the task group have none.
 IGNORED = frozenset({
-    "run_dir", "hydra",
+    "run_dir", "hydra", "task",
     "trainer.resume", "trainer.init_from", "trainer.progress", "trainer.log_interval", "trainer.ckpt_interval",
     "trainer.device", "trainer.find_unused_parameters",
     "data.loader.workers", "data.root",

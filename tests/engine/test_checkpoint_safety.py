@@ -242,6 +242,8 @@ def test_compare_config_lists_dotted_keys_and_skips_bookkeeping():
                                  trainer__log_interval=1, trainer__ckpt_interval=5, trainer__device="cpu",
                                  data__loader__workers=8, data__root="/b")
     assert checkpoint.compare_config(SAVED, bookkeeping) == []
+    with_task = {**SAVED, "task": {"name": "classification", "runner": "lbc.engine.trainer.run"}}
+    assert checkpoint.compare_config(SAVED, with_task) == []  # a checkpoint from before the task group
     cur = changed_config(optim__lr=0.05, model__widths=[8, 16], trainer__ema=True, seed=1)
     cur["trainer"]["new_key"] = 1
     del cur["sparsity"]["t_f"]

@@ -123,7 +123,17 @@ class SparsityHook(Hook):
         checkpoint[RNG_KEY] = rng_state()
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        """Restore the schedule's bookkeeping (masks and scores come with the model's state dict) and RNGs."""
+        """Restore the schedule's bookkeeping (masks and scores come with the model's state dict) and RNGs.
+
+        A plain mmdet checkpoint (``load_from`` a model-zoo detector: keys ``backbone.*``, ``neck.*``, ...) gets
+        the wrapper's ``detector.`` prefix, so its weights load into the SparseDetector instead of being skipped.
+        """
+        state = checkpoint.get("state_dict")
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        if isinstance(state, dict) and state and not any(k.startswith("detector.") for k in state):
+            parts = tuple(f"{name}." for name, _ in model.detector.named_children())
+            if any(k.startswith(parts) for k in state):
+                checkpoint["state_dict"] = type(state)((f"detector.{k}", v) for k, v in state.items())
         if STATE_KEY in checkpoint:
             find_sparsity(runner.model).load_state_dict(checkpoint[STATE_KEY])
         if RNG_KEY in checkpoint:

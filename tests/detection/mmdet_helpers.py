@@ -123,3 +123,40 @@ def detection_config(
     cfg.visualizer.vis_backends = [{"type": "LocalVisBackend"}]
     cfg.visualizer.pop("name", None)  # one visualizer per runner (named after its run), not mmdet's global one
     return cfg
+
+
+def ddp_main(data_root: str, work_dir: str) -> None:
+    """One rank of a 2-process gloo run of mmengine's Runner (``torchrun --nproc_per_node 2 -m
+    tests.detection.mmdet_helpers DATA WORK``): LBC 2:4 whose scores freeze at t_f=1 while DDP trains on; each
+    rank saves its final state dict as ``rank<r>.pt``.
+
+    mmengine's ``pytorch`` launcher calls ``torch.cuda.set_device``, so the gloo group is made here first (the
+    Runner then skips its own init) and the wrapper gets ``device_ids=None`` (a CPU module).
+    """
+    import torch
+    import torch.distributed as dist
+    from mmengine.runner import Runner
+
+    import lbc.detection.plugin  # noqa: F401
+    from lbc.detection.checkpoint import mmengine_safe_globals
+
+    dist.init_process_group("gloo")
+    cfg = detection_config("faster", Path(data_root), Path(work_dir), epochs=2, batch_size=2,
+                           sparsity={"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": 1})
+    cfg.launcher = "pytorch"
+    cfg.model_wrapper_cfg = {"type": "MMDistributedDataParallel", "device_ids": None}
+    runner = Runner.from_cfg(cfg)
+    with mmengine_safe_globals():
+        runner.train()
+    model = runner.model.module
+    frozen = [not s.requires_grad for s in model.sparsity.score_parameters()]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"state": state, "frozen": frozen, "iter": runner.iter, "wrapper": type(runner.model).__name__,
+                "exact": model.sparsity.is_exact_nm()}, Path(work_dir) / f"rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    ddp_main(sys.argv[1], sys.argv[2])

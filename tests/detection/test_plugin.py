@@ -5,6 +5,7 @@ to a ResNet-18 and the generated shapes set."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import textwrap
@@ -358,3 +359,24 @@ def _merged_detector(overrides: dict[str, Any]) -> dict[str, Any]:
     merged = merge(base, overrides)
     merged["rpn_head"]["anchor_generator"]["scales"] = [4]
     return merged
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_scores_freeze_without_rebuilding_ddp(tiny_shapes: Path, tmp_path: Path):
+    """mmengine's DDP wrapper around a SparseDetector: the ranks end identical (weights, masks, scores: score
+    gradients are averaged by the method), the scores freeze at t_f without a new wrapper, rank 0 writes the
+    metrics."""
+    work = tmp_path / "run"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tests.detection.mmdet_helpers", str(tiny_shapes), str(work)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ranks = [torch.load(work / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(r["wrapper"] == "MMDistributedDataParallel" and r["iter"] == 4 and r["exact"] for r in ranks)
+    assert all(r["frozen"] and all(r["frozen"]) for r in ranks)
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys() and sum(k.endswith(("alive", "mask", "scores")) for k in a) == 3 * 19
+    # BN running statistics are rank 0's as of the last forward's broadcast, then updated locally: not compared
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith(("running_mean", "running_var")))
+    assert [ln["epoch"] for ln in metrics(work)] == [1, 2]  # rank 0 only

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
+from lbc.cli.summary import parse_model_options
 from lbc.errors import ConfigError
 from lbc.export import check_weights, format_checks, infer_num_classes, read_export_config, read_weights
 from lbc.models import build_model
@@ -81,12 +81,7 @@ def _model_for(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> tupl
         except ConfigError:  # some other tool's config.yaml: not ours to read
             note = f"no --model; {config_path} is not an lbc export's config"
     if args.model is not None:
-        options = {}
-        for item in args.model_option:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"--model-option {item!r}: write it as KEY=VALUE")
-            options[key] = yaml.safe_load(value)
+        options = parse_model_options(args.model_option)
         model_cfg = {"name": args.model, **options}
         num_classes = infer_num_classes(model_cfg, state, args.num_classes)
         source = f"model {args.model}"

@@ -11,12 +11,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import yaml
 
 from lbc.errors import ConfigError
 from lbc.models import MODELS, build_model
 from lbc.summary import format_table, summarize
+
+
+def parse_model_options(items: list[str]) -> dict[str, Any]:
+    """``--model-option KEY=VALUE`` items as builder keywords (values read as YAML); one-line error otherwise."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--model-option {item!r}: write it as KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a builder keyword (repeatable), e.g. img_size=32 for a timm ViT; values read as YAML")
     args = parser.parse_args(argv)
     try:
-        options = {}
-        for item in args.model_option:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"--model-option {item!r}: write it as KEY=VALUE")
-            options[key] = yaml.safe_load(value)
+        options = parse_model_options(args.model_option)
         model = build_model(args.model, num_classes=args.num_classes, **options)
         size = (3, args.image_size, args.image_size)
         try:

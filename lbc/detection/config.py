@@ -61,6 +61,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lbc.engine.checkpoint import flatten_keys
 from lbc.errors import ConfigError
 
 __all__ = ["OWNED", "checkpoint_in", "flat_cfg_options", "mmdet_configs_dir", "resolve_mmdet_config", "to_mmengine"]
@@ -160,14 +161,7 @@ def flat_cfg_options(options: Mapping[str, Any], prefix: str = "") -> dict[str, 
 
     Dotted keys stay as they are; a leaf is anything but a non-empty mapping (lists are leaves).
     """
-    flat: dict[str, Any] = {}
-    for key, value in options.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat |= flat_cfg_options(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat
+    return flatten_keys(options, prefix)
 
 
 def _owner(key: str) -> str | None:

@@ -244,12 +244,13 @@ ALLOWED = ("data.loader.workers", "data.root")
 _MISSING = object()
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys; a leaf is anything but a non-empty mapping (lists are leaves)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         name = f"{prefix}{k}"
         if isinstance(v, Mapping) and v:
-            out |= _flatten(v, f"{name}.")
+            out |= flatten_keys(v, f"{name}.")
         else:
             out[name] = v
     return out
@@ -262,7 +263,7 @@ def _ignored(name: str) -> bool:
 def compare_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between the ``saved`` and ``current`` configs (plain containers),
     in the current config's order, then keys only the saved one has; :data:`IGNORED` keys skipped."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_keys(saved), flatten_keys(current)
     names = list(b) + [k for k in a if k not in b]
     return [k for k in names if not _ignored(k) and a.get(k, _MISSING) != b.get(k, _MISSING)]
 
@@ -274,7 +275,7 @@ def _refused(name: str) -> bool:
 
 
 def _describe(names: list[str], saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> str:
-    a, b = _flatten(saved or {}), _flatten(current or {})
+    a, b = flatten_keys(saved or {}), flatten_keys(current or {})
 
     def one(k: str) -> str:
         if saved is None or current is None:

@@ -12,10 +12,34 @@ the epochs (their DeiT recipe) and ``score_weight_decay`` (their code decays sco
 the default, None, does so too). ``update_every="step"`` applies Eq. 6 at fractional epochs
 instead of once per epoch.
 
-Not taken from the released code: its per-iteration re-selection by signed-score top-k, in which
-a removed score is set to 0 and momentum can revive it; here removal is final (an ``alive`` set),
-as the paper says. Once one candidate is left in every group the scores stop training: they can
-no longer change the mask, so this only saves their gradient and optimizer work.
+``removal`` chooses how candidates leave:
+
+- ``paper`` (default): removal is final, as Alg. 1 says: an ``alive`` set that only shrinks, the
+  lowest-valued alive candidates going at each increase of Eq. 6's count.
+- ``released``: the authors' code. Before every step the mask is re-chosen as the top-(C - k)
+  candidates of every group by signed score, k being Eq. 6's count; the scores of the k others are
+  set to 0 and get no gradient, but SGD momentum moves them off 0, so a removed candidate can come
+  back. Scores that are exactly 0 rank below every other (the code subtracts 1000 from them).
+  Ties go to the lower candidate index, as in ``paper`` mode.
+
+Once one candidate is left in every group the scores stop training (both modes; the released
+code does the same): they can no longer change the mask, so this only saves their work.
+
+``t_i == t_f`` (Table 5's (0, 0) row: N:M from the first step) is our decision, documented here
+because the released code cannot run it (it divides by ``t_f - t_i``):
+
+- ``paper``: a one-shot removal at ``t_f`` of all but the best-valued candidate, after the scores
+  learned with every candidate alive for ``t_f`` epochs. At ``t_f = 0`` nothing has been learned and
+  every score is equal, so the survivor would be an arbitrary index: refused (one-line ConfigError)
+  for the learned criteria and the gradient criterion; ``magnitude`` is fine (a one-shot
+  magnitude choice at the first step).
+- ``released``: from ``t_f`` on the mask is the top-(C - k) by score at every step, and every
+  candidate's score keeps learning through Eq. 9's straight-through gradient (not only the
+  alive ones'; removed scores are not zeroed) and the scores are never frozen: the scores keep
+  choosing the survivor. With the alive-only gradient of the released code the candidates
+  dropped at the first step would never get a gradient, and the mask would be index order
+  forever. At the very first step all scores are equal, and as ties remove the lower index
+  first, the last candidate is kept for that one step.
 """
 
 from __future__ import annotations
@@ -51,6 +75,7 @@ log = logging.getLogger(__name__)
 # For magnitude and gradient the scores are kept (same state, same checkpoints) but never learned.
 CRITERIA = ("score", "score_inverse", "magnitude", "gradient")
 LEARNED_CRITERIA = ("score", "score_inverse")
+REMOVALS = ("paper", "released")
 
 
 class _LBCMask(torch.autograd.Function):
@@ -150,12 +175,39 @@ class LBCParametrization(nn.Module):
                                                  device=weight.device))
         self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
         self.register_buffer("candidates", candidates, persistent=False)
+        self.grad_all = False  # Eq. 9's gradient for every candidate, not only the alive ones (released, t_i == t_f)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         sink = self.grad_accum if self.tracking else None
         mask = float_view(self, "mask", weight.dtype)
-        alive = float_view(self, "alive", self.scores.dtype)
+        alive = self.scores.new_ones(()) if self.grad_all else float_view(self, "alive", self.scores.dtype)
         return lbc_mask(weight, self.scores, mask, alive, self.candidates, sink, self.pattern)
+
+    @torch.no_grad()
+    def reselect(self, count: int, zero_removed: bool) -> bool:
+        """``removal="released"``: alive = the top-(C - ``count``) candidates of every group by signed score.
+
+        Exact zeros (scores removed before and not moved since) rank below everything, as the
+        released code's ``alphas -= (alphas == 0) * 1000`` makes them; ties go to the lower index.
+        With ``zero_removed`` the scores of the removed are set to 0 (the released code; momentum
+        can move them off 0 again). Returns whether the mask changed.
+        """
+        values = self.scores.detach()
+        values = values - 1000.0 * (values == 0).to(values.dtype)
+        if self.pattern.num_candidates <= _FAST_PATH_MAX_CANDIDATES:
+            position = removal_position(values)
+        else:  # the rank of each candidate in a stable ascending sort of its group
+            order = values.argsort(dim=1, stable=True)
+            ranks = torch.arange(values.shape[1], device=values.device).expand_as(order)
+            position = torch.empty_like(order).scatter_(1, order, ranks)
+        alive = position >= count
+        if zero_removed:
+            self.scores.masked_fill_(~alive, 0.0)
+        if torch.equal(alive, self.alive):
+            return False
+        self.alive.copy_(alive)
+        self.mask.copy_(mask_from_alive(self.alive, self.pattern, self.mask.shape))
+        return True
 
     @torch.no_grad()
     def remove(self, count: int, values: torch.Tensor) -> None:
@@ -204,6 +256,7 @@ class LBC(SparsityMethod):
         score_init: float | str = "paper",
         score_weight_decay: float | None = None,
         criterion: str = "score",
+        removal: str = "paper",
         **common: Any,
     ) -> None:
         if t_f is None:
@@ -218,12 +271,26 @@ class LBC(SparsityMethod):
             raise ConfigError(f"sparsity.criterion={criterion!r}; choose from {', '.join(CRITERIA)}")
         if exponent < 1:
             raise ConfigError(f"sparsity.exponent={exponent}; need a positive integer (paper: 3)")
+        if removal not in REMOVALS:
+            raise ConfigError(f"sparsity.removal={removal!r}; choose from {', '.join(REMOVALS)}")
+        if removal == "released" and criterion != "score":
+            raise ConfigError(f"sparsity.removal=released re-selects by the learned scores; "
+                              f"criterion={criterion} needs removal=paper")
+        if removal == "paper" and t_f == 0 and criterion != "magnitude":
+            raise ConfigError(
+                f"sparsity.t_i=sparsity.t_f=0 with removal=paper removes all candidates but one before any "
+                f"{'score' if criterion != 'gradient' else 'gradient'} is learned: the survivor would be an "
+                f"arbitrary index; use sparsity.removal=released (the scores keep choosing every step) or t_f > 0")
         self.t_i, self.t_f, self.exponent = float(t_i), float(t_f), int(exponent)
         self.rounding, self.update_every, self.criterion = rounding, update_every, criterion
+        self.removal = removal
+        # t_i == t_f under released removal: every score keeps learning and choosing (module docstring).
+        self.reselect_all = removal == "released" and self.t_i == self.t_f
         self.score_weight_decay = score_weight_decay
         parsed = parse_pattern(pattern)
         self.score_init = _score_init(score_init, parsed)
         self.removed = 0
+        self._settled = False  # released removal: the final selection is made and the scores are frozen
         self._frozen_scores: set[int] = set()  # ids of the scores this method turned requires_grad off for
         self._check_memory(model, parsed)
         super().__init__(model, parsed, **common)
@@ -271,10 +338,17 @@ class LBC(SparsityMethod):
         return removed_total(t, self.t_i, self.t_f, self.pattern.num_candidates, self.exponent, self.rounding)
 
     def update(self, epoch: float) -> None:
-        """Remove candidates up to the schedule's count at ``epoch``; rebuild masks only then."""
+        """Remove candidates up to the schedule's count at ``epoch`` (Eq. 6, Alg. 1 line 7).
+
+        ``paper`` removal rebuilds masks only when the count grows; ``released`` re-selects the
+        alive set by score before every step until the scores freeze.
+        """
         self.check_attached()
         self.epoch = float(epoch)
         target = self.target_removed(epoch)
+        if self.removal == "released":
+            self._reselect(target)
+            return
         if target <= self.removed:
             return
         for module in self.layers.values():
@@ -284,12 +358,38 @@ class LBC(SparsityMethod):
         self._freeze_if_final()
         self._record_cost()
 
+    def _reselect(self, target: int) -> None:
+        """``removal="released"``: re-choose every layer's alive set by score at count ``target``."""
+        final = target >= self.pattern.num_candidates - 1
+        if self._settled and final and not self.reselect_all:
+            return  # frozen scores choose the same candidates at every step
+        changed = False
+        for state in self._states():
+            state.grad_all = self.reselect_all
+            changed |= state.reselect(target, zero_removed=not self.reselect_all)
+        grew = target != self.removed
+        self.removed = target
+        self._settled = final
+        if grew:
+            self._freeze_if_final()
+        if grew or changed and self._cost_moved():
+            self._record_cost()
+
+    def _cost_moved(self, tolerance: float = 1e-3) -> bool:
+        """Whether the step cost moved by more than ``tolerance`` since the last recorded entry.
+
+        Released re-selection can change masks at every step; recording each would grow the
+        FLOPs timeline (kept in checkpoints) by one entry per step for a change in the 4th digit.
+        """
+        timeline = self.flops.timeline
+        return not timeline or abs(self.step_cost() - timeline[-1][1]) > tolerance
+
     def _freeze_if_final(self) -> None:
         # One candidate left: the mask can never change again, so score work is pure waste.
         # Magnitude and gradient criteria never learn the scores.
         # Only scores this method froze are ever unfrozen: scores someone else froze (mmdet's
         # frozen_stages turns off every parameter of a stage) stay as they were left.
-        final = self.removed >= self.pattern.num_candidates - 1
+        final = self.removed >= self.pattern.num_candidates - 1 and not self.reselect_all
         learned = self.criterion in LEARNED_CRITERIA
         for scores in self.score_parameters():
             if learned and not final:
@@ -320,6 +420,7 @@ class LBC(SparsityMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.removed = int(state["removed"])
+        self._settled = False  # released removal: re-select once from the restored scores
         self._freeze_if_final()
 
     def extra_scalars(self) -> dict[str, float]:

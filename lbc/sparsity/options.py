@@ -70,6 +70,7 @@ class LBCOptions(SparsityOptions):
     score_init: Any = "paper"  # paper: 1 | released: 1/C(M-1,N-1) | a number
     score_weight_decay: float | None = None  # None: the optimizer's weight decay (as released)
     criterion: str = "score"  # Table 6: score | score_inverse | magnitude | gradient
+    removal: str = "paper"  # paper: removal is final (alive set) | released: signed-score top-k every step
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +90,9 @@ class LBCOptions(SparsityOptions):
                 "sparsity.score_weight_decay", self.score_weight_decay, "use a number >= 0 or null")
         require(self.criterion in ("score", "score_inverse", "magnitude", "gradient"), "sparsity.criterion",
                 self.criterion, "choose from: score, score_inverse, magnitude, gradient")
+        require(self.removal in ("paper", "released"), "sparsity.removal", self.removal, "choose from: paper, released")
+        require(self.removal == "paper" or self.criterion == "score", "sparsity.removal", self.removal,
+                f"removal=released re-selects by the learned scores; criterion={self.criterion} needs removal=paper")
 
 
 @dataclass
@@ -97,9 +101,17 @@ class SRSTEOptions(SparsityOptions):
 
     method: str = "srste"
     lambda_w: float = 2e-4  # the sparse-refined decay (SR-STE paper: 2e-4)
+    t_i: float | None = None  # gradual schedule (LBC Table 5): kept per group from M to N on Eq. 6 ...
+    t_f: float | None = None  # ... between t_i and t_f; both null: N:M from the first step (SR-STE paper)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require((self.t_i is None) == (self.t_f is None), "sparsity.t_f", self.t_f,
+                f"give both sparsity.t_i and sparsity.t_f for SR-STE's gradual schedule, or neither (t_i={self.t_i})")
+        if self.t_i is not None:
+            require(is_number(self.t_i) and self.t_i >= 0, "sparsity.t_i", self.t_i, "use a number >= 0")
+            require(is_number(self.t_f) and self.t_f >= self.t_i, "sparsity.t_f", self.t_f,
+                    f"use a number >= sparsity.t_i={self.t_i}")
         require(is_number(self.lambda_w) and self.lambda_w >= 0, "sparsity.lambda_w", self.lambda_w,
                 "use a number >= 0 (paper: 2e-4)")
 

@@ -1,9 +1,13 @@
 """Candidate-removal schedules: pure functions of the (possibly fractional) epoch.
 
-Exact rational arithmetic (``fractions.Fraction``) so that ``ceil`` never lands on the wrong side
-of an integer because of float round-off: every DDP rank and every resume agrees. A float epoch
-such as ``step / steps_per_epoch`` is read back as the fraction it stands for (denominators up to
-10^6), so ``150 / 45`` counts as exactly 10/3.
+``paper`` rounding uses exact rational arithmetic (``fractions.Fraction``) so that ``ceil`` never
+lands on the wrong side of an integer because of float round-off: every DDP rank and every resume
+agrees. A float epoch such as ``step / steps_per_epoch`` is read back as the fraction it stands
+for (denominators up to 10^6), so ``150 / 45`` counts as exactly 10/3.
+
+``released`` rounding is the authors' code float for float (Python floats, their order of
+operations): for 2:8 (C = 28) at epoch 20 of t_f = 60, ``27 * (1 - 20/60)**3`` is
+8.000000000000002, so it keeps 9 + 1 candidates where exact arithmetic keeps 8 + 1.
 """
 
 from __future__ import annotations
@@ -25,19 +29,26 @@ def removed_total(
 ) -> int:
     """Total candidates removed per group by epoch ``t`` (paper Eq. 6, cumulative form).
 
-    ``paper``: ``ceil((C - 1) * (1 - (1 - x)^e))`` with ``x = (t - t_i) / (t_f - t_i)``.
-    ``released``: the authors' code, ``(C - 1) - ceil((C - 1) * (1 - x)^e)``, one fewer at some t.
-    0 before ``t_i``, ``C - 1`` from ``t_f`` on (one candidate survives).
+    ``paper``: ``ceil((C - 1) * (1 - (1 - x)^e))`` with ``x = (t - t_i) / (t_f - t_i)``, exactly.
+    ``released``: the authors' code in floats, ``(C - 1) - ceil((C - 1) * (1 - x)^e)``: one fewer
+    at some t, and float round-off decides at the integers (see the module docstring).
+    0 before ``t_i``, ``C - 1`` from ``t_f`` on (one candidate survives; with ``t_i == t_f`` all
+    at once at ``t_f``).
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r}; choose from {ROUNDINGS}")
     last = num_candidates - 1
+    if rounding == "released":
+        t, t_i, t_f = float(t), float(t_i), float(t_f)
+        if t >= t_f:
+            return last
+        if t <= t_i:
+            return 0
+        return last - math.ceil(last * (1 - (t - t_i) / (t_f - t_i)) ** exponent)
     t, t_i, t_f = (Fraction(v).limit_denominator(_MAX_DENOMINATOR) for v in (t, t_i, t_f))
     if t >= t_f:
         return last
     if t <= t_i:
         return 0
     remaining = (1 - (t - t_i) / (t_f - t_i)) ** exponent
-    if rounding == "paper":
-        return math.ceil(last * (1 - remaining))
-    return last - math.ceil(last * remaining)
+    return math.ceil(last * (1 - remaining))

@@ -30,6 +30,9 @@ VARIANTS: dict[str, tuple[dict, float]] = {
     "dense": ({"method": "dense"}, 0),
     "lbc_removing": ({"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": 10}, 1),  # scores learning
     "lbc_after_t_f": ({"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": 10}, 10),  # one candidate left
+    # the authors' selection: the alive set re-chosen by signed-score top-k before every step
+    "lbc_released_removing": ({"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": 10, "removal": "released"}, 1),
+    "lbc_released_after_t_f": ({"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": 10, "removal": "released"}, 10),
     "srste": ({"method": "srste", "pattern": "2:4"}, 0),
     "asp_finetune": ({"method": "asp", "pattern": "2:4", "dense_epochs": 0, "finetune_epochs": 1}, 0),
 }

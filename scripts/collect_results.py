@@ -1,0 +1,503 @@
+#!/usr/bin/env python
+"""Print the paper's tables in Markdown with our runs' values beside the paper's.
+
+    python scripts/collect_results.py runs/                         # every full-scale table
+    python scripts/collect_results.py runs/ --scale small --table table1 table5 --out small.md
+
+Reads the run directories the launchers make, ``<root>/<table>/<scale>/<row id>/seed<k>/`` (any
+directory below ``RUN_ROOT`` holding a ``row.json``), each with the trainer's ``config.yaml`` and
+``metrics.jsonl``. Seeds of one row are pooled: mean and spread (sample standard deviation by
+default, ``--spread minmax`` for the range). Each measured column is three adjacent columns: ours,
+the paper's (``scripts/paper_tables.yaml``) and ours minus the paper's. A row without a finished
+run is blank, never zero; an unfinished or unreadable run directory is one line on stderr.
+
+Full scale: the rows are the paper's (paper-only rows such as DNW or RigL stay blank on our side).
+Small scale: the rows are the runs' own (``row.json``), each beside the paper row its ``paper_row``
+names (blank when null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+PAPER_TABLES = HERE / "paper_tables.yaml"
+SCALES = ("full", "small")
+METHOD_ORDER = {"dense": 0, "asp": 1, "srste": 2, "lbc": 3}
+LABELS = {"dense": "Baseline", "asp": "ASP", "srste": "SR-STE", "lbc": "LBC"}
+CRITERION_LABELS = {"score": "S (LBC)", "score_inverse": "S-inverse", "magnitude": "Magnitude", "gradient": "Gradient"}
+DESCRIPTIVE = ("model", "label", "pattern", "t_i", "t_f", "structured")  # shown once, not compared
+NO_DIFF = ("epochs",)  # compared side by side, without a difference column
+OURS_ONLY = ("top1_best",)  # the paper has no such column
+FLOPS_KEY = "train_flops_ratio"
+
+
+class RunError(Exception):
+    """A run directory that cannot be used (unfinished, unreadable): its one-line reason."""
+
+
+# --- one run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One seed's run directory: its row (``row.json``), resolved config and final metrics."""
+
+    path: Path
+    row: dict[str, Any]
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    epochs: int  # the schedule's length (config.yaml), which the last record reached
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last evaluation's record, with the sparsity scalars under their bare names."""
+        return plain_keys(self.records[-1])
+
+    @property
+    def method(self) -> str:
+        return str(self.row.get("method") or self.config.get("sparsity", {}).get("method", "dense"))
+
+    @property
+    def model(self) -> str:
+        return str(self.config.get("model", {}).get("name", "?"))
+
+
+def plain_keys(record: dict[str, Any]) -> dict[str, Any]:
+    """``sparsity/density`` -> ``density`` (the trainer's keys) and ``coco/bbox_mAP`` stays as it is
+    (the detection hook writes bare sparsity keys already)."""
+    return {k.removeprefix("sparsity/"): v for k, v in record.items()}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path.name} unreadable ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path.name} is not a JSON object")
+    return data
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The lines of ``metrics.jsonl`` (one JSON object per evaluation), in order."""
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise RunError(f"metrics.jsonl line {i} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise RunError(f"metrics.jsonl line {i} has no integer 'epoch'")
+        records.append(record)
+    return records
+
+
+def read_run(path: Path) -> Run:
+    """Read one run directory; RunError (one line) if it is not a finished, readable run."""
+    row = read_json(path / "row.json") if (path / "row.json").is_file() else {}
+    if not (path / "config.yaml").is_file():
+        raise RunError("not started (no config.yaml)")
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise RunError(f"config.yaml unreadable ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise RunError("config.yaml is not a mapping")
+    epochs = config.get("schedule", {}).get("epochs") if isinstance(config.get("schedule"), dict) else None
+    if not isinstance(epochs, int) or epochs <= 0:
+        raise RunError(f"config.yaml schedule.epochs={epochs!r} is not a positive integer")
+    if not (path / "metrics.jsonl").is_file():
+        raise RunError(f"unfinished (no evaluation yet, 0/{epochs} epochs)")
+    records = read_records(path / "metrics.jsonl")
+    last = records[-1]["epoch"] if records else 0
+    if last < epochs:
+        raise RunError(f"unfinished ({last}/{epochs} epochs)")
+    return Run(path, row, config, records, epochs)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every run directory below ``root`` (``root`` itself included): those holding a ``row.json``."""
+    return sorted({p.parent for p in root.rglob("row.json")})
+
+
+def load_runs(root: Path, warn: Any = None) -> tuple[list[Run], list[tuple[Path, dict[str, Any], str]]]:
+    """The usable runs below ``root``, and (path, row, reason) for each that is not (``warn`` gets one line each)."""
+    runs, bad = [], []
+    for path in find_run_dirs(root):
+        try:
+            runs.append(read_run(path))
+        except RunError as err:
+            try:
+                row = read_json(path / "row.json")
+            except RunError:
+                row = {}
+            bad.append((path, row, str(err)))
+            if warn is not None:
+                warn(f"skipped {path}: {err}")
+    return runs, bad
+
+
+# --- values of one run ----------------------------------------------------------------------------
+
+
+def metric(run: Run, key: str, dense_epochs: dict[str, int], summaries: dict[Any, dict[str, float]]) -> float | None:
+    """Run ``run``'s value of column ``key`` (None: the run has none); units as in paper_tables.yaml."""
+    final = run.final
+    if key == "top1":
+        return final.get("top1")
+    if key == "top1_best":
+        values = [r["top1"] for r in run.records if isinstance(r.get("top1"), (int, float))]
+        return max(values) if values else None
+    if key == "epochs":
+        return float(run.epochs)
+    if key.startswith("flops_train"):
+        ratio = final.get(FLOPS_KEY + key.removeprefix("flops_train"))
+        if ratio is None:
+            return None
+        return flops_vs_dense(ratio, run.epochs, dense_epochs.get(run.model, run.epochs))
+    if key in ("bbox_map", "segm_map"):
+        value = final.get(f"coco/{key.split('_')[0]}_mAP")
+        return None if value is None else 100.0 * value
+    if key == "sparsity":
+        density = final.get("density")
+        return None if density is None else 100.0 * (1.0 - density)
+    if key in ("params_test", "flops_test"):
+        totals = inference_cost(run, summaries)
+        return None if totals is None else totals[key]
+    return final.get(key)
+
+
+def flops_vs_dense(ratio: float, epochs: int, dense_epochs: int) -> float:
+    """A run's logged training-FLOPs ratio (over a dense run as long as itself) as a multiple of the
+    dense row's training FLOPs: ASP's 200 epochs at ``ratio`` cost ``ratio * 200 / 120`` of the
+    120-epoch dense baseline (Table 1's 1.24x)."""
+    return ratio * epochs / dense_epochs
+
+
+def inference_cost(run: Run, cache: dict[Any, dict[str, float]]) -> dict[str, float] | None:
+    """Table 4's Params (M) and FLOPs (G, multiply-accumulates of one image) of the run's model at its
+    pattern, counted by :func:`lbc.summary.summarize` (what ``lbc-summary`` prints) from ``config.yaml``."""
+    model_cfg, data, sp = run.config.get("model", {}), run.config.get("data", {}), run.config.get("sparsity", {})
+    dense = run.method == "dense"
+    pattern = "2:4" if dense else sp.get("pattern")
+    size = tuple(data.get("input_size") or (3, 224, 224))
+    key = (json.dumps(model_cfg, sort_keys=True), data.get("num_classes"), pattern, size, json.dumps(sp.get("exclude")))
+    if key not in cache:
+        from lbc.errors import ConfigError
+        from lbc.models import build_model
+        from lbc.summary import summarize
+
+        try:
+            model = build_model(num_classes=int(data.get("num_classes", 1000)), **model_cfg)
+            totals = summarize(model, pattern, size, sp.get("exclude"))["totals"]
+        except (ConfigError, TypeError, ValueError, RuntimeError) as err:
+            print(f"no Params/FLOPs (Test) for {run.path}: {str(err).splitlines()[0] if str(err) else err!r}",
+                  file=sys.stderr)
+            cache[key] = None
+        else:
+            params = totals["params_total"] if dense else totals["params_nonzero"]
+            flops = totals["flops_dense"] if dense else totals["flops_sparse"]
+            cache[key] = {"params_test": params / 1e6, "flops_test": flops / 1e9}
+    return cache[key]
+
+
+# --- pooling seeds ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """A column's pooled value over the seeds of one row."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    def spread(self, kind: str) -> tuple[float, ...] | None:
+        """Sample standard deviation (``std``, n >= 2) or (min, max) (``minmax``); None for one value."""
+        if self.n < 2:
+            return None
+        return (statistics.stdev(self.values),) if kind == "std" else (min(self.values), max(self.values))
+
+
+def pool(runs: Sequence[Run], key: str, dense_epochs: dict[str, int], summaries: dict[Any, Any]) -> Cell:
+    """The finite values of column ``key`` over ``runs`` (a NaN/inf top-1 is logged as null: not pooled)."""
+    values = (metric(r, key, dense_epochs, summaries) for r in runs)
+    return Cell([float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)])
+
+
+# --- formatting ---------------------------------------------------------------------------------------
+
+DECIMALS = {"top1": 2, "top1_best": 2, "bbox_map": 1, "segm_map": 1, "sparsity": 1, "params_test": 3,
+            "flops_test": 3, "epochs": 0}
+UNITS = {"params_test": "M", "flops_test": "G"}
+PAPER_DECIMALS = {"top1": 1, "top1_best": 1, "bbox_map": 1, "segm_map": 1, "sparsity": 0, "epochs": 0}
+
+
+def decimals(key: str) -> int:
+    return 2 if key.startswith("flops_train") else DECIMALS.get(key, 2)
+
+
+def unit(key: str) -> str:
+    return "×" if key.startswith("flops_train") else UNITS.get(key, "")
+
+
+def fmt(value: float | None, key: str, signed: bool = False) -> str:
+    if value is None:
+        return ""
+    text = f"{value:+.{decimals(key)}f}" if signed else f"{value:.{decimals(key)}f}"
+    return text + unit(key)
+
+
+def fmt_paper(value: float | None, key: str) -> str:
+    """A paper value with the decimals the paper prints."""
+    if value is None:
+        return ""
+    d = 2 if key.startswith("flops_train") else PAPER_DECIMALS.get(key, 2)
+    return f"{value:.{d}f}{unit(key)}"
+
+
+def fmt_cell(cell: Cell, key: str, spread: str, row_n: int) -> str:
+    """``mean ± std`` or ``mean [min, max]``, plus ``(n=k)`` when fewer runs than the row's fed it."""
+    if cell.mean is None:
+        return ""
+    text = fmt(cell.mean, key)
+    s = cell.spread(spread)
+    if s is not None and key != "epochs":
+        d = decimals(key)
+        text += f" ± {s[0]:.{d}f}" if spread == "std" else f" [{s[0]:.{d}f}, {s[1]:.{d}f}]"
+    if cell.n != row_n:
+        text += f" (n={cell.n})"
+    return text
+
+
+def fmt_plain(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "✓" if value else "✗"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- one table ---------------------------------------------------------------------------------------------
+
+
+def pattern_key(pattern: Any) -> tuple[float, int]:
+    """Dense first, then sparser patterns; equal density: smaller M first (the paper's order: 2:4, 1:4, 2:8, 1:16)."""
+    if not pattern:
+        return (-2.0, 0)
+    try:
+        n, m = (int(x) for x in str(pattern).split(":"))
+        return (-n / m, m)
+    except ValueError:  # not N:M: last
+        return (0.0, 0)
+
+
+def small_rows(runs: Sequence[Run], bad: Sequence[tuple[Path, dict[str, Any], str]],
+               by_criterion: bool = False) -> list[dict[str, Any]]:
+    """The small-scale rows, described from their runs' ``row.json`` and config, in the paper's order
+    (LBC rows labelled by their criterion when ``by_criterion``, as Table 6 does)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        sp = run.config.get("sparsity", {})
+        rows.setdefault(run.row.get("row", run.path.parent.name), {
+            "method": run.method, "pattern": None if run.method == "dense" else run.row.get("pattern", sp.get("pattern")),
+            "model": run.model, "t_i": sp.get("t_i"), "t_f": sp.get("t_f"), "criterion": sp.get("criterion"),
+            "paper_row": run.row.get("paper_row"), "label": run.row.get("label"),
+        })
+    for _, row, _ in bad:  # a row whose every run is unfinished is still a (blank) row
+        if row.get("row") and row["row"] not in rows:
+            rows[row["row"]] = {"method": row.get("method", "?"), "pattern": row.get("pattern"), "model": "",
+                                "t_i": None, "t_f": None, "criterion": None, "paper_row": row.get("paper_row"),
+                                "label": row.get("label")}
+    out = []
+    for row_id, row in rows.items():
+        named = row["method"] == "lbc" and (by_criterion or row["criterion"] not in (None, "score"))
+        label = row["label"] or (CRITERION_LABELS.get(row["criterion"], LABELS["lbc"]) if named
+                                 else LABELS.get(row["method"], row["method"]))
+        out.append({**row, "id": row_id, "label": label})
+    order = lambda r: (pattern_key(r["pattern"]), r["t_i"] or 0, r["t_f"] or 0,  # noqa: E731
+                       METHOD_ORDER.get(r["method"], 9), str(r["criterion"]), r["id"])
+    return sorted(out, key=order)
+
+
+def dense_epochs_of(runs: Sequence[Run], paper_rows: Sequence[dict[str, Any]], scale: str) -> dict[str, int]:
+    """Epochs of each model's dense row (keyed by the config's model name): our dense runs' schedule,
+    else at full scale the paper's dense row for the model of the run's row; a model with neither is
+    not normalised."""
+    out = {r.model: r.epochs for r in runs if r.method == "dense"}
+    if scale != "full":
+        return out
+    by_id = {r["id"]: r for r in paper_rows}
+    dense = {r["model"]: int(r["epochs"]) for r in paper_rows if r["method"] == "dense" and r.get("epochs")}
+    for run in runs:
+        paper_model = (by_id.get(run.row.get("row") or "") or {}).get("model")
+        if run.model not in out and paper_model in dense:
+            out[run.model] = dense[paper_model]
+    return out
+
+
+def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: Sequence[tuple[Path, dict, str]],
+                 scale: str, spread: str = "std", best: bool = False, sources: bool = False,
+                 summaries: dict[Any, Any] | None = None) -> str:
+    """One table in Markdown: descriptive columns, then ours / paper / difference per measured column."""
+    summaries = {} if summaries is None else summaries
+    runs = [r for r in runs if r.row.get("table") == table_id and r.row.get("scale", "full") == scale]
+    bad = [b for b in bad if b[1].get("table") == table_id and b[1].get("scale", "full") == scale]
+    by_row: dict[str, list[Run]] = {}
+    for run in runs:
+        by_row.setdefault(run.row.get("row", run.path.parent.name), []).append(run)
+    found: dict[str, int] = {}  # run directories per row, finished or not
+    for row_id in [b[1].get("row") for b in bad] + [r.row.get("row", r.path.parent.name) for r in runs]:
+        found[row_id] = found.get(row_id, 0) + 1
+
+    paper_rows = spec["rows"]
+    paper_by_id = {r["id"]: r for r in paper_rows}
+    if scale == "full":
+        rows = [{**r, "paper_row": r["id"]} for r in paper_rows]
+        rows += [r for r in small_rows(runs, bad, table_id == "table6") if r["id"] not in paper_by_id]  # not in the paper
+    else:
+        rows = small_rows(runs, bad, table_id == "table6")
+    dense_epochs = dense_epochs_of(runs, paper_rows, scale)
+
+    columns = list(spec["columns"])
+    flops_extra = sorted({k.removeprefix(FLOPS_KEY) for r in runs for k in r.final
+                          if k.startswith(FLOPS_KEY) and k != FLOPS_KEY})
+    keys = [c["key"] for c in columns]
+    if "flops_train" in keys:  # a second logged training-FLOPs figure, if the runs have one
+        at = keys.index("flops_train") + 1
+        columns[at:at] = [{"key": f"flops_train{s}", "header": f"FLOPs (Train, {s.strip('_')})"} for s in flops_extra]
+    if best and "top1" in keys:
+        columns.insert(keys.index("top1") + 1, {"key": "top1_best", "header": "Best Top-1 (%)"})
+
+    header = []
+    for c in columns:
+        if c["key"] in DESCRIPTIVE:
+            header.append(c["header"])
+        else:
+            header += [f"{c['header']} ours"] + ([] if c["key"] in OURS_ONLY else ["paper"])
+            header += [] if c["key"] in NO_DIFF + OURS_ONLY else ["Δ"]
+    header.append("n")
+    body = []
+    for row in rows:
+        row_runs = by_row.get(row["id"], [])
+        paper = (paper_by_id.get(row.get("paper_row") or "") or {}).get("paper", {})
+        cells = []
+        for c in columns:
+            key = c["key"]
+            if key in DESCRIPTIVE:
+                value = paper.get(key) if key == "structured" else row.get(key)
+                cells.append(fmt_plain(value) if key != "pattern" or value else "-")
+                continue
+            cell = pool(row_runs, key, dense_epochs, summaries)
+            cells.append(fmt_cell(cell, key, spread, len(row_runs)))
+            if key in OURS_ONLY:
+                continue
+            theirs = paper.get("flops_train" if key.startswith("flops_train") else key)
+            cells.append(fmt_paper(theirs, key))
+            if key not in NO_DIFF:
+                cells.append(fmt(cell.mean - theirs, key, signed=True) if cell.mean is not None and theirs is not None
+                             else "")
+        total = found.get(row["id"], 0)
+        cells.append(f"{len(row_runs)}/{total}" if total else ("" if row.get("preset") or scale == "small" else "paper only"))
+        body.append(cells)
+
+    what = "full scale" if scale == "full" else "small scale (digits, CPU)"
+    lines = [f"### {spec['title']}: {what}", "", markdown(header, body), "", notes(table_id, spread, best, columns)]
+    if sources:
+        lines += ["", "Runs:"] + [f"- {k}: " + ", ".join(str(r.path) for r in v) for k, v in by_row.items()]
+    return "\n".join(lines)
+
+
+def notes(table_id: str, spread: str, best: bool, columns: Sequence[dict[str, Any]]) -> str:
+    """The footnote under a table: what the numbers are."""
+    keys = {c["key"] for c in columns}
+    text = [f"Ours: mean {'± sample std' if spread == 'std' else '[min, max]'} over the seeds of a row; "
+            "n = finished runs / run directories found (a cell fed by fewer runs says so). "
+            "Δ = ours − paper. Blank: no finished run (or the paper has no such row)."]
+    if "top1" in keys:
+        text.append("Top-1 = the last evaluation (final epoch)" + ("; Best = the best epoch's." if best else "."))
+    if "flops_train" in keys:
+        text.append("FLOPs (Train) = the logged `train_flops_ratio` (the run's training FLOPs over a dense run of "
+                    "the same length) × run epochs / the dense row's epochs, so that ASP's 200-epoch run is counted "
+                    "against the 120-epoch dense baseline as the paper's 1.24× is; rows as long as the dense row "
+                    "are unchanged.")
+    if keys & {"bbox_map", "segm_map"}:
+        text.append("mAP = mmdet's `coco/bbox_mAP` (`coco/segm_mAP`) × 100 at the last validation.")
+    if "params_test" in keys:
+        text.append("Params/FLOPs (Test): `lbc.summary.summarize` (as `lbc-summary`) on the run's model and "
+                    "pattern: Conv/Linear weights and biases at N/M density, MACs of one image at the data's "
+                    "input size. Sparsity = 100 × (1 − logged density) over all Conv/Linear weights (stem and "
+                    "classifier stay dense).")
+    if table_id == "table5":
+        text.append("LBC (0, 0) runs `sparsity.removal=released`.")
+    return " ".join(text)
+
+
+def load_paper(path: Path = PAPER_TABLES) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())["tables"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and print the tables; the exit status (2: bad arguments)."""
+    paper = load_paper()
+    parser = argparse.ArgumentParser(prog="collect_results.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_root", type=Path, help="folder holding the run directories (searched recursively)")
+    parser.add_argument("--table", nargs="+", choices=sorted(paper), help="tables to print (default: every table "
+                        "with a run at this scale; at full scale every table)")
+    parser.add_argument("--scale", choices=SCALES, default="full")
+    parser.add_argument("--spread", choices=("std", "minmax"), default="std",
+                        help="spread over seeds: sample standard deviation, or [min, max]")
+    parser.add_argument("--best", action="store_true", help="also show the best epoch's top-1")
+    parser.add_argument("--sources", action="store_true", help="list the run directories under each table")
+    parser.add_argument("--out", type=Path, help="also write the Markdown to this file")
+    args = parser.parse_args(argv)
+    if not args.run_root.is_dir():
+        print(f"error: {args.run_root} is not a directory", file=sys.stderr)
+        return 2
+    runs, bad = load_runs(args.run_root, warn=lambda line: print(line, file=sys.stderr))
+    tables = args.table or [t for t in paper if args.scale == "full" or any(
+        r.row.get("table") == t and r.row.get("scale") == args.scale for r in runs)
+        or any(b[1].get("table") == t and b[1].get("scale") == args.scale for b in bad)]
+    if not tables:
+        print(f"no {args.scale}-scale run under {args.run_root}", file=sys.stderr)
+        return 1
+    summaries: dict[Any, Any] = {}
+    text = "\n\n".join(render_table(t, paper[t], runs, bad, args.scale, args.spread, args.best, args.sources,
+                                    summaries) for t in tables) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

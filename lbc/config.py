@@ -26,7 +26,8 @@ from lbc.errors import ConfigError
 from lbc.sparsity.options import OPTIONS as SPARSITY_OPTIONS
 from lbc.sparsity.options import is_number, require
 
-__all__ = ["SCHEMAS", "div", "mul", "one_line", "register_resolvers", "register_schemas", "sub", "validate"]
+__all__ = ["SCHEMAS", "div", "mul", "one_line", "per_process_batch", "register_resolvers", "register_schemas", "scaled_lr",
+           "sub", "validate"]
 
 
 # --- optim ------------------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class TrainerConfig:
     resume: str | None = None  # checkpoint path; null = <run_dir>/last.pt if it exists
     init_from: str | None = None  # start from these model weights (e.g. a dense run for ASP)
     find_unused_parameters: bool = False  # passed to DistributedDataParallel
+    auto_scale_lr: int | None = None  # null: optim.lr as given; N: optim.lr is for a total batch of N, scaled linearly
 
     def __post_init__(self) -> None:
         require(bool(_DEVICE.fullmatch(self.device)), "trainer.device", self.device,
@@ -122,9 +124,9 @@ class TrainerConfig:
                 "use 0 < decay < 1")
         require(self.clip_grad is None or is_number(self.clip_grad) and self.clip_grad > 0, "trainer.clip_grad",
                 self.clip_grad, "use a positive number or null")
-        for key in ("log_interval", "ckpt_interval", "max_steps_per_epoch", "max_eval_steps"):
+        for key in ("log_interval", "ckpt_interval", "max_steps_per_epoch", "max_eval_steps", "auto_scale_lr"):
             value = getattr(self, key)
-            optional = key.startswith("max_")
+            optional = key.startswith("max_") or key == "auto_scale_lr"
             require(value is None and optional or value is not None and value >= 1, f"trainer.{key}", value,
                     "use a positive integer" + (" or null" if optional else ""))
 
@@ -132,17 +134,47 @@ class TrainerConfig:
 # --- data -------------------------------------------------------------------------------------
 @dataclass
 class LoaderConfig:
-    """-> lbc.data.build_loader: per-process batch size, worker processes, timm repeated augmentation."""
+    """-> lbc.data.build_loader: the batch (per process, or global), worker processes, timm repeated augmentation.
 
-    batch_size: int = 64  # per process
+    Set one of ``batch_size`` (per process: the global batch grows with the processes) and
+    ``global_batch_size`` (all processes together: each loads global / processes), the other null.
+    """
+
+    batch_size: int | None = 64  # per process; null: global_batch_size / processes
+    global_batch_size: int | None = None  # all processes together (the paper presets); needs batch_size=null
     workers: int = 0
     repeated_aug: int = 0  # timm RepeatAugSampler repeats (DeiT: 3); 0 = off
     drop_last: bool | None = None  # null: drop the last partial batch when training
 
     def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "data.loader.batch_size", self.batch_size, "use a positive integer")
+        for key in ("batch_size", "global_batch_size"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"data.loader.{key}", value, "use a positive integer or null")
+        per_process_batch(self.batch_size, self.global_batch_size, 1)  # one of the two, not both
         require(self.workers >= 0, "data.loader.workers", self.workers, "use an integer >= 0")
         require(self.repeated_aug >= 0, "data.loader.repeated_aug", self.repeated_aug, "use an integer >= 0")
+
+
+def per_process_batch(batch_size: int | None, global_batch_size: int | None, world_size: int) -> int:
+    """The batch each of ``world_size`` processes loads (``data.loader``): ``batch_size`` as given, or
+    ``global_batch_size / world_size``, which must divide; exactly one of the two is set."""
+    if batch_size is not None and global_batch_size is not None:
+        raise ConfigError(f"data.loader.batch_size={batch_size} and data.loader.global_batch_size={global_batch_size} "
+                          "are both set; set one (per process, or all processes together) and the other to null")
+    if global_batch_size is None:
+        require(batch_size is not None, "data.loader.batch_size", batch_size,
+                "set data.loader.batch_size (per process) or data.loader.global_batch_size (all processes together)")
+        return batch_size
+    if global_batch_size % world_size:
+        raise ConfigError(f"data.loader.global_batch_size={global_batch_size} does not divide over {world_size} "
+                          f"processes; use a multiple of {world_size}, or another number of processes")
+    return global_batch_size // world_size
+
+
+def scaled_lr(lr: float, global_batch_size: int, auto_scale_lr: int | None) -> float:
+    """The lr a run uses (``trainer.auto_scale_lr``): ``lr`` as given when null, else the linear scaling rule
+    ``lr * global_batch_size / auto_scale_lr`` (``optim.lr`` is the lr for a total batch of ``auto_scale_lr``)."""
+    return lr if auto_scale_lr is None else lr * global_batch_size / auto_scale_lr
 
 
 @dataclass

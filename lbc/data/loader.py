@@ -18,6 +18,8 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from lbc.config import per_process_batch
+
 
 def epoch_seed(*parts: int) -> int:
     """A well-mixed 32-bit seed from integers such as (seed, epoch): unlike seed + epoch, no two runs share orders."""
@@ -122,7 +124,7 @@ def _private_rng(it: Iterator[Any], seed: int) -> Iterator[Any]:
 
 def build_loader(
     dataset: Dataset,
-    batch_size: int,
+    batch_size: int | None,
     train: bool,
     workers: int,
     seed: int,
@@ -130,18 +132,21 @@ def build_loader(
     distributed: bool = False,
     repeated_aug: int = 0,
     drop_last: bool | None = None,
+    global_batch_size: int | None = None,
 ) -> EpochLoader:
     """A loader whose batches for (seed, epoch) are always the same; call ``loader.set_epoch(e)`` each epoch.
 
     train shuffles (and by default drops the last partial batch); ``distributed`` shards by rank with
     DistributedSampler (val is padded to equal shards, as torch does); ``repeated_aug`` > 0 uses timm's
     RepeatAugSampler with that many repeats (DeiT uses 3; train only). Unreadable images are dropped
-    and counted in ``loader.skipped``.
+    and counted in ``loader.skipped``. The batch is ``batch_size`` per process, or
+    ``global_batch_size`` over all processes (:func:`per_process_batch`); ``loader.batch_size`` says which.
     """
     rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    batch_size = per_process_batch(batch_size, global_batch_size, world)
     sampler: Sampler[int]
     if train and repeated_aug > 0:
-        world = dist.get_world_size() if distributed else 1
         sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, num_repeats=repeated_aug)
     elif distributed:
         sampler = DistributedSampler(dataset, shuffle=train, seed=0, drop_last=False)

@@ -238,7 +238,8 @@ IGNORED = frozenset({
 # A resumed run restores the optimizer (its lr, betas, ...), the scheduler (its epochs, warm-up and
 # lr range: timm's load_state_dict overwrites them), the masks and scores and the data order, so a
 # change of these keys would silently not be used, or would train something else than either config.
-REFUSED = ("schedule.", "optim.", "sparsity.", "model.", "data.", "seed", "trainer.max_steps_per_epoch")
+REFUSED = ("schedule.", "optim.", "sparsity.", "model.", "data.", "seed", "trainer.max_steps_per_epoch",
+           "trainer.auto_scale_lr")
 ALLOWED = ("data.loader.workers", "data.root")
 
 _MISSING = object()

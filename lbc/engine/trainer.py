@@ -33,7 +33,7 @@ from lbc.engine import checkpoint, distributed, rundir, signals
 from lbc.engine.logging import RunLogger
 from lbc.engine.loop import evaluate, train_one_epoch
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, param_groups
-from lbc.errors import DataError
+from lbc.errors import ConfigError, DataError
 from lbc.io import load_model_weights
 from lbc.models import build_model
 
@@ -180,9 +180,11 @@ def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
     dist_on = distributed.is_distributed()
     train_loader = build_loader(datasets.train, train=True, seed=cfg.seed, distributed=dist_on, **loader_cfg)
     if len(train_loader) == 0:  # drop_last with fewer images than one batch: no step at all
-        raise DataError(f"data.loader.batch_size={loader_cfg['batch_size']} is larger than the training split "
-                        f"({len(train_loader.sampler)} images per process) and the last partial batch is dropped: "
-                        "no training step; lower the batch size")
+        given = loader_cfg.get("global_batch_size")
+        batch = (f"data.loader.batch_size={train_loader.batch_size}" if given is None else
+                 f"data.loader.global_batch_size={given} ({train_loader.batch_size} per process)")
+        raise DataError(f"{batch} is larger than the training split ({len(train_loader.sampler)} images per process) "
+                        "and the last partial batch is dropped: no training step; lower the batch size")
     val_cfg = {k: v for k, v in loader_cfg.items() if k not in ("repeated_aug", "drop_last")}
     val_loader = build_loader(datasets.val, train=False, seed=cfg.seed, distributed=dist_on, **val_cfg)
     mixup = build_mixup(num_classes=datasets.num_classes, **mixup_cfg)
@@ -197,11 +199,20 @@ def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
     sp = lbc.sparsify(model, **as_kwargs(typed["sparsity"]), input_size=datasets.input_size)
     ema = ModelEmaV3(model, decay=tcfg.ema_decay) if tcfg.ema else None
 
-    # --- optimizer, schedule (one cosine per phase of the method) ---------------------------
+    # --- optimizer (lr for the global batch: trainer.auto_scale_lr), schedule (one cosine per phase) ----
     ocfg, scfg = typed["optim"], typed["schedule"]
+    world, per_process = distributed.world_size(), train_loader.batch_size
+    lr = lbc_config.scaled_lr(ocfg.lr, per_process * world, tcfg.auto_scale_lr)
+    if tcfg.auto_scale_lr is not None and scfg.min_lr > lr:
+        raise ConfigError(f"schedule.min_lr={scfg.min_lr} is above the scaled lr {lr:g} (optim.lr={ocfg.lr} x "
+                          f"{per_process * world}/{tcfg.auto_scale_lr}, trainer.auto_scale_lr); lower schedule.min_lr")
+    if distributed.is_main():
+        how = (f" = optim.lr {ocfg.lr:g} x {per_process * world}/{tcfg.auto_scale_lr} (trainer.auto_scale_lr)"
+               if tcfg.auto_scale_lr is not None else " (optim.lr)")
+        log.info("batch %d = %d process(es) x %d; lr %g%s", per_process * world, world, per_process, lr, how)
     groups = param_groups(model, sp, ocfg.weight_decay)
     extra = {k: v for k, v in as_kwargs(ocfg).items() if k in ("momentum", "nesterov", "betas", "eps")}
-    optimizer = build_optimizer(ocfg.name, groups, lr=ocfg.lr, weight_decay=ocfg.weight_decay, **extra)
+    optimizer = build_optimizer(ocfg.name, groups, lr=lr, weight_decay=ocfg.weight_decay, **extra)
     steps = len(train_loader) if tcfg.max_steps_per_epoch is None else min(len(train_loader), tcfg.max_steps_per_epoch)
     scheduler = build_phased_scheduler(optimizer, sp.phases(), scfg.epochs, steps, warmup_epochs=scfg.warmup_epochs,
                                        warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr)

@@ -1,0 +1,717 @@
+#!/usr/bin/env python
+"""Reproduce one of the paper's tables: run every row (and seed) as its own training run.
+
+    python scripts/reproduce.py --table table1                        # full scale: torchrun, presets
+    python scripts/reproduce.py --table table1 --scale small          # this CPU: digits, resnet_small
+    python scripts/reproduce.py --table table5 --scale small --rows 'lbc_*' --seeds 0 --dry-run
+    python scripts/reproduce.py --table table1 --launcher slurm hydra.launcher.partition=gpu data.root=/data/imagenet
+
+Full scale runs each row's preset (``experiment=<preset>``, listed in ``scripts/paper_tables.yaml``)
+under ``torchrun`` (``python -m lbc.cli.torchrun``). Processes per node, nodes, this node's rank and
+the rendezvous address come from the environment (:func:`torchrun_args`): ``NPROC_PER_NODE``,
+``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``, else SLURM's variables inside an
+allocation (start one copy per node there: ``srun --ntasks-per-node=1 bash scripts/table1.sh``),
+else one node with every visible GPU. ``--launcher slurm`` submits the runs as one array job through
+Hydra's submitit launcher (the ``slurm`` extra); each job runs the same torchrun command on its nodes.
+``--launcher local`` runs one process per run (in this process for classification rows).
+
+Small scale (:func:`small_rows`) runs every row of the table on this CPU with the embedded digits
+data and ``resnet_small`` (Tables 2 and 3: small detectors on the generated shapes set), a few
+epochs, several seeds, one run at a time, in this process where it can (no start-up per run).
+
+Each run writes to ``<out>/<table>/<scale>/<row>/seed<k>/``, where ``row.json`` (what the run stands
+for: table, row, preset, seed, overrides, the paper row it is compared with) is written before it
+starts. A finished run (metrics.jsonl reached config.yaml's schedule.epochs) is skipped; an unfinished
+one resumes: the trainer continues from ``run_dir/last.pt`` when it is given the same ``run_dir``.
+A failed run is one line and the others go on; the exit status is 0 when every run finished, 1 when
+one failed, 2 for a bad command line, 130/143 when stopped by Ctrl-C/SIGTERM (run it again to resume).
+Extra ``key=value`` arguments are Hydra overrides for every run (``data.root=/data/imagenet``);
+``hydra.launcher.*`` ones go to the SLURM submission.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import fnmatch
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_TABLES = ROOT / "scripts" / "paper_tables.yaml"
+EXPERIMENTS = ROOT / "lbc" / "configs" / "experiment"
+TABLES = ("table1", "table2", "table3", "table4", "table5", "table6")
+PAPER_EPOCHS = 120  # the ResNets' schedule in the paper; Table 5's t_i, t_f are in these epochs
+
+# --- small scale: what one row is made of -------------------------------------------------------
+# Classification rows: resnet_small on digits at 16x16 (the digits are 8x8; 32x32 costs 3x the time
+# for the same accuracy), a few epochs with LBC's t_f at half of them (the paper: t_f = 60 of 120).
+SMALL_EPOCHS = 8
+SMALL_BASE = ["model=resnet_small", "data=digits", "data.image_size=16", "trainer.progress=false"]
+# Detection rows (Tables 2, 3): R18-FPN detectors on 128 generated 64 px images, AdamW 1e-3 from
+# scratch (the setting tests/detection/test_plugin.py found to learn the shapes clearly in a few epochs).
+SMALL_DET_EPOCHS = 6
+SMALL_DET_BASE = ["task=detection", "data=coco_shapes", "data.train_images=128", "data.val_images=48",
+                  "data.image_size=64", "data.batch_size=4", "optim=adamw", "optim.lr=1e-3",
+                  "optim.weight_decay=0.05", "schedule.warmup_iters=20", "trainer.progress=false"]
+DET_MODELS = {"table2": ("faster_rcnn_r18_fpn_shapes", "faster_rcnn_r50_fpn"),
+              "table3": ("mask_rcnn_r18_fpn_shapes", "mask_rcnn_r50_fpn")}  # (small model, paper row prefix)
+TABLE5_PATTERN = "1:8"  # the paper's 1:4 leaves digits at dense accuracy; 1:8 separates the schedules
+TABLE5_SCHEDULES = ((0, 0), (0, 30), (0, 60), (30, 60))  # the paper's (t_i, t_f), in its 120 epochs
+TABLE6_PATTERN = "2:4"
+CRITERIA = ("magnitude", "gradient", "score_inverse", "score")
+
+
+class UsageError(Exception):
+    """A bad command line or a missing file: one line on stderr, exit status 2."""
+
+
+@dataclass
+class Row:
+    """One row of a table at one scale: its id, what it passes to ``lbc-train``, what it stands for."""
+
+    id: str
+    overrides: list[str]
+    preset: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # paper_row, method, pattern, t_i, t_f, criterion
+    detection: bool = False
+
+
+@dataclass
+class Run:
+    """One row and seed: a run directory and the ``lbc-train`` overrides that fill it."""
+
+    table: str
+    scale: str
+    row: Row
+    seed: int
+    run_dir: Path
+    overrides: list[str]  # without run_dir (added when launched)
+
+    @property
+    def name(self) -> str:
+        return f"{self.row.id} seed{self.seed}"
+
+    def row_json(self) -> dict[str, Any]:
+        return {"table": self.table, "row": self.row.id, "preset": self.row.preset, "scale": self.scale,
+                "seed": self.seed, "overrides": self.overrides, **self.row.info}
+
+    def train_args(self) -> list[str]:
+        return [*self.overrides, f"run_dir={self.run_dir}"]
+
+
+# --- the paper's rows (full scale) ----------------------------------------------------------------
+
+
+def paper_tables(path: Path = PAPER_TABLES) -> dict[str, Any]:
+    """``tables`` of scripts/paper_tables.yaml (one-line UsageError if it is missing or malformed)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+        return dict(data["tables"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise UsageError(f"cannot read the paper's tables from {path}: {type(e).__name__}: {e}") from None
+
+
+def full_rows(table: str, tables: Mapping[str, Any]) -> list[Row]:
+    """The table's rows that have a preset (``experiment=<preset>``); paper-only rows are left out."""
+    rows = []
+    for r in tables[table]["rows"]:
+        if not r.get("preset"):
+            continue
+        info = {"paper_row": r["id"], **{k: r.get(k) for k in ("method", "pattern", "t_i", "t_f", "criterion")}}
+        rows.append(Row(r["id"], [f"experiment={r['preset']}"], preset=r["preset"], info=info,
+                        detection=table in DET_MODELS))
+    return rows
+
+
+# --- small scale ------------------------------------------------------------------------------------
+
+
+def _num(x: float) -> str:
+    """An epoch count as Hydra should read it: ``3`` for a whole number, else ``1.5``."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _pid(pattern: str) -> str:
+    return pattern.replace(":", "x")
+
+
+def _paper_row(tables: Mapping[str, Any], table: str, row_id: str, method: str, pattern: str | None) -> str | None:
+    """``row_id`` if the paper's table has it with the same method and pattern, else None (no paper value)."""
+    for r in tables.get(table, {}).get("rows", []):
+        if r["id"] == row_id and r.get("method") == method and r.get("pattern") == pattern:
+            return row_id
+    return None
+
+
+def _method(method: str, pattern: str | None = None, **options: Any) -> list[str]:
+    """``sparsity=<method>`` and its options as overrides (None values left out)."""
+    out = [f"sparsity={method}"] + ([f"sparsity.pattern={pattern}"] if pattern else [])
+    for key, value in options.items():
+        if value is not None:
+            out.append(f"sparsity.{key}={_num(value) if isinstance(value, (int, float)) else value}")
+    return out
+
+
+def small_rows(table: str, tables: Mapping[str, Any], epochs: int | None = None) -> list[Row]:
+    """The table's rows at small scale, each standing for the paper row of the same method and pattern.
+
+    Classification: ``epochs`` (default SMALL_EPOCHS), LBC's t_f at half of them, ASP ``epochs`` dense
+    plus 2/3 of that fine-tuning (the paper's 120 + 80), Table 5's (t_i, t_f) scaled from 120 epochs.
+    Detection (Tables 2, 3): ``epochs`` (default SMALL_DET_EPOCHS) on the shapes set.
+    """
+    if table in DET_MODELS:
+        return _small_detection_rows(table, tables, epochs or SMALL_DET_EPOCHS)
+    e = epochs or SMALL_EPOCHS
+    half = e / 2
+
+    def row(row_id: str, method: str, pattern: str | None, paper_id: str | None, extra: list[str],
+            epochs: int = e, **info: Any) -> Row:
+        paper = _paper_row(tables, table, paper_id, method, pattern) if paper_id else None
+        warmup = [] if epochs > 1 else ["schedule.warmup_epochs=0"]  # the cosine schedule's 1 warm-up epoch
+        return Row(row_id, [*SMALL_BASE, f"schedule.epochs={epochs}", *warmup, *extra],
+                   info={"paper_row": paper, "method": method, "pattern": pattern, "t_i": None, "t_f": None,
+                         "criterion": None, **info})
+
+    def dense() -> Row:
+        return row("dense", "dense", None, "resnet50_dense", _method("dense"))
+
+    def srste(p: str, paper: str | None = None) -> Row:
+        return row(f"srste_{_pid(p)}", "srste", p, paper or f"resnet50_srste_{_pid(p)}", _method("srste", p))
+
+    def lbc(p: str, t_i: float = 0, t_f: float = half, criterion: str = "score", removal: str | None = None,
+            suffix: str = "", paper: str | None = None) -> Row:
+        rid = f"lbc_{_pid(p)}{suffix}"
+        return row(rid, "lbc", p, paper or f"resnet50_{rid}",
+                   _method("lbc", p, t_i=t_i, t_f=t_f, criterion=criterion, removal=removal),
+                   t_i=t_i, t_f=t_f, criterion=criterion, **({"removal": removal} if removal else {}))
+
+    if table == "table1":
+        fine_tune = round(e * 2 / 3)  # the paper's ASP: 120 dense + 80 fine-tuning epochs
+        asp = row("asp_2x4", "asp", "2:4", "resnet50_asp_2x4",
+                  _method("asp", "2:4", dense_epochs=e), epochs=e + fine_tune)
+        rows = [dense(), asp]
+        for p in ("2:4", "1:4", "1:8", "1:16"):
+            rows += [srste(p), lbc(p)]
+        return rows
+    if table == "table4":
+        return [dense(), srste("1:16"), lbc("1:16")]
+    if table == "table5":
+        rows = []
+        for ti, tf in TABLE5_SCHEDULES:
+            s_ti, s_tf = ti * e / PAPER_EPOCHS, tf * e / PAPER_EPOCHS
+            suffix = f"_ti{ti}_tf{tf}"
+            paper = f"resnet50_{{}}_{_pid(TABLE5_PATTERN)}{suffix}"
+            st = row(f"srste_{_pid(TABLE5_PATTERN)}{suffix}", "srste", TABLE5_PATTERN, paper.format("srste"),
+                     _method("srste", TABLE5_PATTERN, t_i=s_ti, t_f=s_tf), t_i=s_ti, t_f=s_tf)
+            # t_i = t_f: the released code's selection (signed-score top-k every step), as the preset does
+            removal = "released" if s_ti == s_tf else None
+            rows += [st, lbc(TABLE5_PATTERN, s_ti, s_tf, removal=removal, suffix=suffix, paper=paper.format("lbc"))]
+        return rows
+    if table == "table6":
+        p = _pid(TABLE6_PATTERN)
+        return [dense()] + [lbc(TABLE6_PATTERN, criterion=c, suffix=f"_{c}", paper=f"resnet50_lbc_{p}_{c}")
+                            for c in CRITERIA]
+    raise UsageError(f"--table {table} has no small-scale rows")
+
+
+def _small_detection_rows(table: str, tables: Mapping[str, Any], e: int) -> list[Row]:
+    model, prefix = DET_MODELS[table]
+    milestones = sorted({m for m in (round(e * 2 / 3), e - 1) if 0 < m < e})  # mmdet 1x: 8 and 11 of 12
+    base = [*SMALL_DET_BASE, f"model={model}", f"schedule.epochs={e}",
+            f"schedule.milestones=[{','.join(map(str, milestones))}]"]
+    rows = []
+    for method, pattern in (("dense", None), ("srste", "2:4"), ("lbc", "2:4"), ("srste", "2:8"), ("lbc", "2:8")):
+        rid = "dense" if pattern is None else f"{method}_{_pid(pattern)}"
+        t_f = e / 2 if method == "lbc" else None
+        info = {"paper_row": _paper_row(tables, table, f"{prefix}_{rid}", method, pattern), "method": method,
+                "pattern": pattern, "t_i": 0 if t_f is not None else None, "t_f": t_f, "criterion": None}
+        rows.append(Row(rid, [*base, *_method(method, pattern, t_i=info["t_i"], t_f=t_f)], info=info, detection=True))
+    return rows
+
+
+def max_steps_overrides(steps: int, detection: bool) -> list[str]:
+    """A quick check: ``steps`` training steps and evaluation batches per epoch (detection: a data set
+    of ``steps`` batches of 4 images and 4 validation images; mmengine has no step limit per epoch)."""
+    if detection:
+        return [f"data.train_images={4 * steps}", "data.val_images=4"]
+    return [f"trainer.max_steps_per_epoch={steps}", f"trainer.max_eval_steps={steps}"]
+
+
+# --- where runs stand -------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl records (lines that do not parse are left out)."""
+    path = run_dir / "metrics.jsonl"
+    records = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+    return records
+
+
+def run_state(run_dir: Path) -> tuple[str, int]:
+    """(``new`` | ``partial`` | ``finished``, epochs done): finished when metrics.jsonl has reached the
+    ``schedule.epochs`` of the run's own config.yaml (what the trainer wrote when it started)."""
+    records = read_metrics(run_dir)
+    done = max((int(r["epoch"]) for r in records if isinstance(r.get("epoch"), (int, float))), default=0)
+    epochs = None
+    with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        epochs = int(yaml.safe_load((run_dir / "config.yaml").read_text())["schedule"]["epochs"])
+    if epochs is not None and done >= epochs:
+        return "finished", done
+    started = any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "last.pt"))
+    return ("partial" if started or done else "new"), done
+
+
+def summary(run_dir: Path) -> str:
+    """The run's final figures from its last metrics.jsonl record (top-1 or mAP, density)."""
+    records = read_metrics(run_dir)
+    if not records:
+        return "no metrics"
+    last, parts = records[-1], []
+    for key, label, scale in (("top1", "top-1", 1.0), ("coco/bbox_mAP", "bbox mAP", 100.0),
+                              ("coco/segm_mAP", "segm mAP", 100.0)):
+        if isinstance(last.get(key), (int, float)):
+            parts.append(f"{label} {last[key] * scale:.2f}")
+    for key in ("sparsity/density", "density"):
+        if isinstance(last.get(key), (int, float)):
+            parts.append(f"density {last[key]:.3f}")
+            break
+    return ", ".join(parts) or "no metrics"
+
+
+# --- torchrun from the environment ------------------------------------------------------------------
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``, ``a[1-2]-b[7]`` -> ``a1-b7``."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry: up to the first comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
+
+
+def _gpus_on_node(env: Mapping[str, str]) -> str:
+    """Processes per node: NPROC_PER_NODE, SLURM's GPUs on this node, else every visible GPU (or 1)."""
+    if env.get("NPROC_PER_NODE"):
+        return env["NPROC_PER_NODE"]
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):  # "4" or "a100:4"
+        value = env.get(key, "").split(",")[0].split(":")[-1]
+        if value.isdigit() and int(value) > 0:
+            return value
+    import torch  # only here: a second of start-up
+
+    return str(max(torch.cuda.device_count(), 1))
+
+
+def torchrun_args(env: Mapping[str, str]) -> list[str]:
+    """torchrun's options for this node, from the environment (``NPROC_PER_NODE``, ``NNODES``,
+    ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; inside a SLURM allocation ``SLURM_JOB_NUM_NODES``,
+    ``SLURM_NODEID``, the first host of ``SLURM_JOB_NODELIST`` and a port from ``SLURM_JOB_ID``).
+
+    One node without a given address: ``--standalone`` (torchrun picks a free port).
+    """
+    nproc = _gpus_on_node(env)
+    nnodes = int(env.get("NNODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    if nnodes == 1 and not env.get("MASTER_ADDR"):
+        return ["--standalone", f"--nproc_per_node={nproc}"]
+    node_rank = env.get("NODE_RANK") or env.get("SLURM_NODEID") or "0"
+    addr = env.get("MASTER_ADDR") or (first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "")
+    if not addr:
+        raise UsageError(f"NNODES={nnodes}: set MASTER_ADDR to the host of node rank 0 (and NODE_RANK on each node)")
+    if "NODE_RANK" not in env and "SLURM_NODEID" in env and not (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")):
+        raise UsageError(f"this SLURM allocation has {nnodes} nodes: start one copy per node, e.g. "
+                         "srun --ntasks-per-node=1 bash scripts/tableN.sh ... (or submit with --launcher slurm)")
+    port = env.get("MASTER_PORT") or (str(29500 + int(env["SLURM_JOB_ID"]) % 1000)
+                                      if env.get("SLURM_JOB_ID", "").isdigit() else "29500")
+    return [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}",
+            f"--master_addr={addr}", f"--master_port={port}"]
+
+
+def node_rank(env: Mapping[str, str]) -> int:
+    with contextlib.suppress(ValueError):
+        return int(env.get("NODE_RANK") or env.get("SLURM_NODEID") or 0)
+    return 0
+
+
+def torchrun_command(train_args: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    return [sys.executable, "-m", "lbc.cli.torchrun", *torchrun_args(env), "--", *train_args]
+
+
+def local_command(train_args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "lbc.cli.train", *train_args]
+
+
+# --- running one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    code: int
+    message: str = ""
+
+
+def _error_line(text: str) -> str:
+    """The line that says why a run failed: its ``error:`` line, else the last line it printed."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    chosen = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
+    return chosen[:300]
+
+
+class _Tee(io.TextIOBase):
+    """Writes to a buffer and, unless ``quiet``, to the real stream too."""
+
+    def __init__(self, real: Any, quiet: bool) -> None:
+        self.real, self.quiet, self.buffer_ = real, quiet, io.StringIO()
+
+    def write(self, s: str) -> int:
+        self.buffer_.write(s)
+        if not self.quiet:
+            self.real.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        if not self.quiet:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def run_in_process(run: Run, quiet: bool) -> Outcome:
+    """``lbc-train`` in this process (no interpreter start-up per run); its output goes to
+    ``run_dir/output.log`` (and the console unless ``quiet``)."""
+    from lbc.cli import train as cli
+
+    out, err = _Tee(sys.stdout, quiet), _Tee(sys.stderr, quiet)
+    argv, code = sys.argv, 0
+    sys.argv = ["lbc-train", *run.train_args()]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:  # noqa: BLE001  (one line for this run; the others go on)
+        err.write(f"error: {type(e).__name__}: {e}\n")
+        code = 1
+    finally:
+        sys.argv = argv
+    with contextlib.suppress(OSError), open(run.run_dir / "output.log", "a") as f:
+        f.write(out.buffer_.getvalue() + err.buffer_.getvalue())
+    return Outcome(code, _error_line(err.buffer_.getvalue()) if code else "")
+
+
+def run_child(cmd: Sequence[str], run_dir: Path, quiet: bool) -> Outcome:
+    """``cmd`` as a child process; stdout and stderr go to ``run_dir/output.log`` (and the console
+    unless ``quiet``); the failure message is its last ``error:`` line."""
+    tail: collections.deque[bytes] = collections.deque(maxlen=64)
+    with open(run_dir / "output.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+                log.write(chunk)
+                tail.append(chunk)
+                if not quiet:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.buffer.flush()
+            code = proc.wait()
+        except KeyboardInterrupt:  # the child got the Ctrl-C too: let it save and stop
+            code = proc.wait()
+            code = code if code else 130
+    code = 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
+    return Outcome(code, _error_line(b"".join(tail).decode(errors="replace")) if code else "")
+
+
+# --- the launcher ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="reproduce.py", description="Run one of the paper's tables, every row and seed, full or small scale.",
+        epilog="Extra key=value arguments are Hydra overrides for every run (hydra.launcher.* ones go to "
+               "--launcher slurm's submission).")
+    p.add_argument("--table", required=True, help="table1 ... table6 (or 1 ... 6)")
+    p.add_argument("--scale", choices=("full", "small"), default="full",
+                   help="full: the paper's presets (GPUs); small: this CPU, digits / shapes (default: full)")
+    p.add_argument("--rows", default="*", help="comma-separated globs of row ids (default: all rows)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0 at full scale, 0,1,2 small)")
+    p.add_argument("--out", default="runs", help="runs go to OUT/<table>/<scale>/<row>/seed<k> (default: runs)")
+    p.add_argument("--launcher", choices=("torchrun", "slurm", "local"), default=None,
+                   help="torchrun (full-scale default), slurm (submitit, the 'slurm' extra), "
+                        "local (one process per run; small-scale default)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"small scale: epochs per run (default {SMALL_EPOCHS}; detection {SMALL_DET_EPOCHS}); "
+                        "t_f and Table 5's (t_i, t_f) follow")
+    p.add_argument("--max-steps", type=int, default=None, help="a quick check: at most this many steps per epoch")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="small scale: show each run's own output too")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data.root=/data/imagenet")
+    args = p.parse_args(list(argv))
+    args.table = args.table if args.table.startswith("table") else f"table{args.table}"
+    if args.table not in TABLES:
+        raise UsageError(f"--table {args.table} is not a table of the paper; choose from: {', '.join(TABLES)}")
+    try:
+        args.seeds = [int(s) for s in (args.seeds or ("0" if args.scale == "full" else "0,1,2")).split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds} is not a comma-separated list of integers") from None
+    for key in ("epochs", "max_steps"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: use a positive integer")
+    if args.epochs is not None and args.scale == "full":
+        raise UsageError("--epochs is for --scale small; at full scale pass schedule.epochs=N (a Hydra override)")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise UsageError(f"{bad[0]!r} is not an option or a Hydra override (key=value)")
+    args.launcher = args.launcher or ("torchrun" if args.scale == "full" else "local")
+    return args
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """``base`` then ``extra``, where an ``extra`` override replaces the ``base`` one of the same key
+    (Hydra refuses a key given twice): ``schedule.epochs=20`` on the command line wins over the row's."""
+    given = {_key(o) for o in extra}
+    return [o for o in base if _key(o) not in given] + list(extra)
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """Every run the command asks for: the table's rows (filtered by --rows) times the seeds."""
+    tables = paper_tables()
+    if args.table not in tables:
+        raise UsageError(f"{PAPER_TABLES} has no {args.table}")
+    rows = full_rows(args.table, tables) if args.scale == "full" else small_rows(args.table, tables, args.epochs)
+    globs = [g.strip() for g in args.rows.split(",") if g.strip()]
+    rows = [r for r in rows if any(fnmatch.fnmatchcase(r.id, g) for g in globs)]
+    if not rows:
+        every = full_rows(args.table, tables) if args.scale == "full" else small_rows(args.table, tables, args.epochs)
+        raise UsageError(f"--rows {args.rows} matches no row of {args.table} at {args.scale} scale; rows: "
+                         + ", ".join(r.id for r in every))
+    extra = [o for o in args.overrides if not o.startswith(("hydra.launcher.", "hydra/launcher="))]
+    runs = []
+    for row in rows:
+        quick = max_steps_overrides(args.max_steps, row.detection) if args.max_steps else []
+        for seed in args.seeds:
+            run_dir = Path(args.out) / args.table / args.scale / row.id / f"seed{seed}"
+            runs.append(Run(args.table, args.scale, row, seed, run_dir,
+                            merge_overrides([*row.overrides, *quick, f"seed={seed}"], extra)))
+    return runs
+
+
+def missing_preset(run: Run) -> str | None:
+    if run.row.preset and not (EXPERIMENTS / f"{run.row.preset}.yaml").is_file():
+        return f"preset {run.row.preset} does not exist (lbc/configs/experiment/{run.row.preset}.yaml)"
+    return None
+
+
+def command_for(run: Run, launcher: str, env: Mapping[str, str]) -> list[str]:
+    if launcher == "torchrun":
+        return torchrun_command(run.train_args(), env)
+    return local_command(run.train_args())
+
+
+def write_row_json(run: Run) -> None:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run.run_dir / "row.json.tmp"
+    tmp.write_text(json.dumps(run.row_json(), indent=2) + "\n")
+    tmp.replace(run.run_dir / "row.json")
+
+
+def launch(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Run ``runs`` one after another (torchrun or local); one line when each starts and ends."""
+    tag = f"[{args.table}/{args.scale}]"
+    quiet = args.scale == "small" and not args.verbose
+    failed, counts = [], collections.Counter()
+    main_node = node_rank(env) == 0
+    if args.launcher == "torchrun":
+        torchrun_args(env)  # a bad environment is one line before anything starts
+    for i, run in enumerate(runs, 1):
+        head = f"{tag} {i}/{len(runs)} {run.name}"
+        state, done = run_state(run.run_dir)
+        if state == "finished":
+            counts["skipped"] += 1
+            print(f"{head}: skipped, finished before ({summary(run.run_dir)})", flush=True)
+            continue
+        problem = missing_preset(run)
+        if problem:
+            failed.append(run.name)
+            print(f"{head}: failed: {problem}", flush=True)
+            continue
+        if main_node:
+            write_row_json(run)
+        else:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+        resume = f", resuming after epoch {done}" if state == "partial" else ""
+        print(f"{head}: started{resume} ({run.run_dir})", flush=True)
+        t0 = time.perf_counter()
+        if args.launcher == "local" and not run.row.detection:
+            outcome = run_in_process(run, quiet)  # mmengine keeps global state: detection runs in a child
+        else:
+            outcome = run_child(command_for(run, args.launcher, env), run.run_dir, quiet)
+        took = f"{time.perf_counter() - t0:.0f} s"
+        if outcome.code in (130, 143):
+            print(f"{head}: stopped after {took} (exit {outcome.code}); run the same command again to resume",
+                  flush=True)
+            return outcome.code
+        if outcome.code == 0 and run_state(run.run_dir)[0] == "finished":
+            counts["finished"] += 1
+            print(f"{head}: finished in {took}: {summary(run.run_dir)}", flush=True)
+        else:
+            failed.append(run.name)
+            why = outcome.message or "it ended before its last epoch"
+            print(f"{head}: failed (exit {outcome.code}) after {took}: {why} (log: {run.run_dir / 'output.log'})",
+                  flush=True)
+    report = f"{counts['finished']} finished, {counts['skipped']} skipped, {len(failed)} failed"
+    print(f"{tag} done: {report}" + (f" ({', '.join(failed)})" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+def dry_run(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Print the command of every run that would start (finished runs as a comment)."""
+    for run in runs:
+        state, _ = run_state(run.run_dir)
+        if state == "finished":
+            print(f"# finished, skipped: {run.run_dir}")
+            continue
+        problem = missing_preset(run)
+        if problem:
+            print(f"# {problem}")
+        if args.launcher == "slurm":
+            cmd = ["<in each job>", *torchrun_command(run.train_args(), _slurm_placeholder_env(args, env))]
+        else:
+            cmd = command_for(run, args.launcher, env)
+        print(shlex.join(cmd))
+    return 0
+
+
+# --- SLURM through Hydra's submitit launcher -----------------------------------------------------
+
+
+# Each job: one task per node (it starts torchrun there), 3 days, requeued up to 5 times after a time
+# limit or preemption (the run resumes from its last.pt).
+SLURM_DEFAULTS = {"tasks_per_node": 1, "timeout_min": 4320}
+SLURM_ONLY_DEFAULTS = {"max_num_timeout": 5}  # submitit_slurm's own key (submitit_local has none)
+
+
+def _slurm_shape(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[int, int]:
+    """(nodes, GPUs per node) of each job: hydra.launcher.nodes/gpus_per_node, else NNODES /
+    NPROC_PER_NODE, else one node of 8 GPUs."""
+    given = dict(o.split("=", 1) for o in args.overrides if o.startswith("hydra.launcher."))
+    nodes = int(given.get("hydra.launcher.nodes") or env.get("NNODES") or 1)
+    gpus = int(given.get("hydra.launcher.gpus_per_node") or env.get("NPROC_PER_NODE") or 8)
+    return nodes, gpus
+
+
+def _slurm_placeholder_env(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str]:
+    nodes, gpus = _slurm_shape(args, env)
+    return {"SLURM_JOB_NUM_NODES": str(nodes), "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_NODEID": "$SLURM_NODEID",
+            "SLURM_JOB_NODELIST": "<first node of the job>", "SLURM_STEP_ID": "0",
+            "MASTER_PORT": "<29500 + job id % 1000>"}
+
+
+def _slurm_job(cfg: Any) -> int:
+    """One SLURM job (on each of its nodes): the run's torchrun command, rendezvous from SLURM's variables."""
+    run = json.loads(Path(cfg.runs_file).read_text())[int(cfg.index)]
+    try:
+        return subprocess.call(torchrun_command([*run["overrides"], f"run_dir={run['run_dir']}"], os.environ))
+    except Exception as e:  # noqa: BLE001  (never fail the whole sweep: the submitter reports per run)
+        print(f"error: {run['run_dir']}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def submit_slurm(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Submit the unfinished runs as one array job (Hydra multirun, ``hydra/launcher=submitit_slurm``),
+    wait for it, then one line per run: finished or failed."""
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        raise UsageError("--launcher slurm needs Hydra's submitit launcher, which is not installed: "
+                         "pip install -e '.[slurm]' (or run scripts/tableN.sh inside an allocation)")
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    tag = f"[{args.table}/{args.scale}]"
+    pending = [r for r in runs if run_state(r.run_dir)[0] != "finished"]
+    for r in runs:
+        if r not in pending:
+            print(f"{tag} {r.name}: skipped, finished before ({summary(r.run_dir)})", flush=True)
+    if not pending:
+        return 0
+    for r in pending:
+        write_row_json(r)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    sweep = (Path(args.out) / args.table / args.scale / "slurm" / stamp).absolute()
+    sweep.mkdir(parents=True, exist_ok=True)
+    runs_file = sweep / "runs.json"
+    runs_file.write_text(json.dumps([{"overrides": r.overrides, "run_dir": str(r.run_dir.absolute()),
+                                      "name": r.name} for r in pending], indent=2))
+    nodes, gpus = _slurm_shape(args, env)
+    given = [o for o in args.overrides if o.startswith(("hydra.launcher.", "hydra/launcher="))]
+    own_launcher = any(o.startswith("hydra/launcher=") for o in given)  # e.g. submitit_local, to try it out
+    defaults = {"nodes": nodes, "gpus_per_node": gpus, **SLURM_DEFAULTS, **({} if own_launcher else SLURM_ONLY_DEFAULTS)}
+    settings = [f"hydra.launcher.{k}={v}" for k, v in defaults.items()
+                if not any(o.startswith(f"hydra.launcher.{k}=") for o in given)]
+    launcher = [] if own_launcher else ["hydra/launcher=submitit_slurm"]
+    ConfigStore.instance().store(name="reproduce_slurm", node={"runs_file": str(runs_file), "index": 0})
+    hydra_argv = ["reproduce.py", "-m", *launcher, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
+                  *settings, *given, f"index={','.join(str(i) for i in range(len(pending)))}"]
+    print(f"{tag} submitting {len(pending)} run(s) as one array job ({nodes} node(s) x {gpus} GPU(s) each; "
+          f"logs in {sweep}); waiting for them", flush=True)
+    argv = sys.argv
+    sys.argv = hydra_argv
+    try:
+        hydra.main(config_path=None, config_name="reproduce_slurm", version_base="1.3")(_slurm_job)()
+    except SystemExit:  # a job that died (node failure, time limit): the per-run check below says which
+        pass
+    finally:
+        sys.argv = argv
+    failed = [r for r in pending if run_state(r.run_dir)[0] != "finished"]
+    for r in pending:
+        result = "failed (see its output in " + str(sweep) + ")" if r in failed else f"finished: {summary(r.run_dir)}"
+        print(f"{tag} {r.name}: {result}", flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    env = dict(os.environ)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        runs = plan(args)
+        if args.dry_run:
+            return dry_run(runs, args, env)
+        if args.launcher == "slurm":
+            return submit_slurm(runs, args, env)
+        return launch(runs, args, env)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

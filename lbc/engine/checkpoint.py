@@ -261,12 +261,33 @@ def _ignored(name: str) -> bool:
     return any(name == k or name.startswith(f"{k}.") for k in IGNORED)
 
 
+# Keys added to the schemas after runs were written, with the value that behaves as those runs
+# did: a saved config without the key ran with that behaviour, so it still resumes.
+ADDED_KEYS: dict[str, Any] = {
+    "sparsity.removal": "paper",
+    "sparsity.t_i": None,  # SR-STE's gradual schedule (LBC always had t_i/t_f)
+    "sparsity.t_f": None,
+    "data.loader.global_batch_size": None,
+    "trainer.auto_scale_lr": None,
+}
+
+
 def compare_config(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between the ``saved`` and ``current`` configs (plain containers),
-    in the current config's order, then keys only the saved one has; :data:`IGNORED` keys skipped."""
+    in the current config's order, then keys only the saved one has; :data:`IGNORED` keys skipped.
+
+    A key of :data:`ADDED_KEYS` that the saved config lacks counts as unchanged when the current
+    value is the one that behaves as before it existed.
+    """
     a, b = flatten_keys(saved), flatten_keys(current)
     names = list(b) + [k for k in a if k not in b]
-    return [k for k in names if not _ignored(k) and a.get(k, _MISSING) != b.get(k, _MISSING)]
+
+    def differs(k: str) -> bool:
+        if k not in a and k in ADDED_KEYS and b.get(k, _MISSING) == ADDED_KEYS[k]:
+            return False
+        return a.get(k, _MISSING) != b.get(k, _MISSING)
+
+    return [k for k in names if not _ignored(k) and differs(k)]
 
 
 def _refused(name: str) -> bool:

@@ -408,3 +408,19 @@ def test_text_or_random_bytes_are_one_line(tmp_path, content):
         read_pt(path, "trainer.init_from")
     assert str(err.value).startswith(f"trainer.init_from='{path}' is not a readable checkpoint")
     assert "\n" not in str(err.value)
+
+
+def test_keys_added_after_a_run_resume_when_they_keep_the_old_behaviour():
+    import copy
+
+    assert "removal" not in SAVED["sparsity"] and "global_batch_size" not in SAVED["data"]["loader"]
+    cur = copy.deepcopy(SAVED)
+    cur["sparsity"]["removal"] = "paper"  # what runs did before the key existed
+    cur["data"]["loader"]["global_batch_size"] = None
+    cur.setdefault("trainer", {})["auto_scale_lr"] = None
+    assert checkpoint.compare_config(SAVED, cur) == []
+    cur["sparsity"]["removal"] = "released"  # another behaviour: a change, refused on resume
+    cur["data"]["loader"]["global_batch_size"] = 256
+    assert sorted(checkpoint.compare_config(SAVED, cur)) == ["data.loader.global_batch_size", "sparsity.removal"]
+    with pytest.raises(ConfigError, match="sparsity.removal"):
+        checkpoint.resume_policy(checkpoint.compare_config(SAVED, cur))

@@ -48,6 +48,7 @@ def lines_with(text: str, *parts: str) -> list[str]:
 # --- small scale, end to end ---------------------------------------------------------------------------
 
 # 2 epochs of one step of 16 images (and one evaluation batch) per run: the whole table in one process.
+P5 = reproduce.TABLE5_PATTERN.replace(":", "x")  # Table 5's pattern in its row ids
 QUICK = ["--scale", "small", "--seeds", "0", "--epochs", "2", "--max-steps", "1", "data.loader.batch_size=16"]
 
 
@@ -94,10 +95,10 @@ def test_small_tables_1_and_5_run_end_to_end_and_finished_runs_are_skipped(tmp_p
     # Table 5: the paper's (t_i, t_f) of 120 epochs, scaled to 2; (0, 0) uses the released selection.
     for ti, tf, small in ((0, 0, (0, 0)), (0, 30, (0, 0.5)), (0, 60, (0, 1)), (30, 60, (0.5, 1))):
         for method in ("srste", "lbc"):
-            sp = config("table5", f"{method}_1x8_ti{ti}_tf{tf}")["sparsity"]
-            assert (sp["method"], sp["pattern"], sp["t_i"], sp["t_f"]) == (method, "1:8", *small)
-    assert config("table5", "lbc_1x8_ti0_tf0")["sparsity"]["removal"] == "released"
-    assert config("table5", "lbc_1x8_ti0_tf30")["sparsity"]["removal"] == "paper"
+            sp = config("table5", f"{method}_{P5}_ti{ti}_tf{tf}")["sparsity"]
+            assert (sp["method"], sp["pattern"], sp["t_i"], sp["t_f"]) == (method, reproduce.TABLE5_PATTERN, *small)
+    assert config("table5", f"lbc_{P5}_ti0_tf0")["sparsity"]["removal"] == "released"
+    assert config("table5", f"lbc_{P5}_ti0_tf30")["sparsity"]["removal"] == "paper"
     # paper_row: the paper's row of the same method and pattern, else null
     paper_row = {d.name: json.loads((d / "seed0" / "row.json").read_text())["paper_row"]
                  for d in (out / "table1" / "small").iterdir()}
@@ -254,15 +255,16 @@ def test_small_rows_stand_for_paper_rows_of_the_same_method_and_pattern(table: s
         if row.info["paper_row"] is not None:
             p = paper[row.info["paper_row"]]
             assert (p["method"], p["pattern"]) == (row.info["method"], row.info["pattern"])
-        elif table != "table5":  # Table 5 runs 1:8 (the paper 1:4): no paper value beside it
+        else:  # a pattern the paper does not have for this method: no paper value beside it
             assert row.info["pattern"] not in {r["pattern"] for r in paper.values() if r["method"] == row.info["method"]}
     matched = sum(r.info["paper_row"] is not None for r in rows)
-    assert matched == {"table1": 8, "table2": 5, "table3": 5, "table4": 3, "table5": 0, "table6": 5}[table]
+    t5 = 8 if reproduce.TABLE5_PATTERN == "1:4" else 0  # the paper's Table 5 is 1:4
+    assert matched == {"table1": 8, "table2": 5, "table3": 5, "table4": 3, "table5": t5, "table6": 5}[table]
 
 
 def test_small_rows_follow_the_epochs():
     t5 = {r.id: r.info for r in reproduce.small_rows("table5", PAPER, epochs=12)}
-    assert [(t5[f"lbc_1x8_ti{a}_tf{b}"]["t_i"], t5[f"lbc_1x8_ti{a}_tf{b}"]["t_f"])
+    assert [(t5[f"lbc_{P5}_ti{a}_tf{b}"]["t_i"], t5[f"lbc_{P5}_ti{a}_tf{b}"]["t_f"])
             for a, b in ((0, 0), (0, 30), (0, 60), (30, 60))] == [(0, 0), (0, 3), (0, 6), (3, 6)]
     t1 = {r.id: r for r in reproduce.small_rows("table1", PAPER, epochs=6)}
     assert "sparsity.t_f=3" in t1["lbc_1x4"].overrides and "schedule.epochs=6" in t1["lbc_1x4"].overrides

@@ -331,6 +331,17 @@ def _gpus_on_node(env: Mapping[str, str]) -> str:
     return str(max(torch.cuda.device_count(), 1))
 
 
+def _int_env(env: Mapping[str, str], *keys: str) -> int | None:
+    """The first of ``keys`` that is set, as an integer (one-line UsageError naming it if it is not one)."""
+    for key in keys:
+        if env.get(key):
+            try:
+                return int(env[key])
+            except ValueError:
+                raise UsageError(f"{key}={env[key]!r} is not an integer") from None
+    return None
+
+
 def torchrun_args(env: Mapping[str, str]) -> list[str]:
     """torchrun's options for this node, from the environment (``NPROC_PER_NODE``, ``NNODES``,
     ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; inside a SLURM allocation ``SLURM_JOB_NUM_NODES``,
@@ -339,7 +350,7 @@ def torchrun_args(env: Mapping[str, str]) -> list[str]:
     One node without a given address: ``--standalone`` (torchrun picks a free port).
     """
     nproc = _gpus_on_node(env)
-    nnodes = int(env.get("NNODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    nnodes = _int_env(env, "NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
     if nnodes == 1 and not env.get("MASTER_ADDR"):
         return ["--standalone", f"--nproc_per_node={nproc}"]
     node_rank = env.get("NODE_RANK") or env.get("SLURM_NODEID") or "0"
@@ -403,6 +414,10 @@ class _Tee(io.TextIOBase):
 
     def isatty(self) -> bool:
         return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "encoding", None) or "utf-8"
 
 
 def run_in_process(run: Run, quiet: bool) -> Outcome:
@@ -717,6 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # between runs (a run itself stops gracefully and is reported by launch)
+        print("stopped by Ctrl-C; run the same command again to go on", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ mask is N:M from the first step, as in the SR-STE paper.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from lbc.errors import ConfigError
-import math
-
 from lbc.sparsity.base import SparsityMethod
 from lbc.sparsity.nm import NMPattern, topn_mask
 from lbc.sparsity.registry import METHODS

@@ -38,6 +38,9 @@ LABELS = {"dense": "Baseline", "asp": "ASP", "srste": "SR-STE", "lbc": "LBC"}
 CRITERION_LABELS = {"score": "S (LBC)", "score_inverse": "S-inverse", "magnitude": "Magnitude", "gradient": "Gradient"}
 DESCRIPTIVE = ("model", "label", "pattern", "t_i", "t_f", "structured")  # shown once, not compared
 NO_DIFF = ("epochs",)  # compared side by side, without a difference column
+# At small scale accuracy is measured on digits/shapes and the paper's on ImageNet/COCO: side by side
+# for the layout, never subtracted. Training FLOPs are ratios to dense, comparable at any scale.
+SMALL_NO_DIFF = ("top1", "top1_best", "bbox_map", "segm_map")
 OURS_ONLY = ("top1_best",)  # the paper has no such column
 FLOPS_KEY = "train_flops_ratio"
 
@@ -396,13 +399,14 @@ def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: 
     if best and "top1" in keys:
         columns.insert(keys.index("top1") + 1, {"key": "top1_best", "header": "Best Top-1 (%)"})
 
+    no_diff = NO_DIFF + (SMALL_NO_DIFF if scale == "small" else ())
     header = []
     for c in columns:
         if c["key"] in DESCRIPTIVE:
             header.append(c["header"])
         else:
             header += [f"{c['header']} ours"] + ([] if c["key"] in OURS_ONLY else ["paper"])
-            header += [] if c["key"] in NO_DIFF + OURS_ONLY else ["Δ"]
+            header += [] if c["key"] in no_diff + OURS_ONLY else ["Δ"]
     header.append("n")
     body = []
     for row in rows:
@@ -421,7 +425,7 @@ def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: 
                 continue
             theirs = paper.get("flops_train" if key.startswith("flops_train") else key)
             cells.append(fmt_paper(theirs, key))
-            if key not in NO_DIFF:
+            if key not in no_diff:
                 cells.append(fmt(cell.mean - theirs, key, signed=True) if cell.mean is not None and theirs is not None
                              else "")
         total = found.get(row["id"], 0)
@@ -429,7 +433,11 @@ def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: 
         body.append(cells)
 
     what = "full scale" if scale == "full" else "small scale (digits, CPU)"
-    lines = [f"### {spec['title']}: {what}", "", markdown(header, body), "", notes(table_id, spread, best, columns)]
+    footnote = notes(table_id, spread, best, columns)
+    if scale == "small":
+        footnote += (" Small scale: accuracy on digits (detection: the generated shapes set) beside the paper's "
+                     "ImageNet/COCO figure, without a difference: only the layout is comparable.")
+    lines = [f"### {spec['title']}: {what}", "", markdown(header, body), "", footnote]
     if sources:
         lines += ["", "Runs:"] + [f"- {k}: " + ", ".join(str(r.path) for r in v) for k, v in by_row.items()]
     return "\n".join(lines)

@@ -147,12 +147,19 @@ def mask_from_alive(alive: torch.Tensor, pattern: NMPattern, shape: torch.Size) 
 
 
 def removal_position(values: torch.Tensor) -> torch.Tensor:
-    """(G, C) int8: where each candidate comes when a group's values are sorted ascending, ties by index.
+    """(G, C) int8 (int32 beyond 127 candidates): where each candidate comes when a group's values are
+    sorted ascending, ties by index.
 
-    :func:`~lbc.sparsity.nm.rank_columns` over the C columns (no sort, no loop over groups): for
-    the small C of 2:4 and 1:4 several times faster on CPU than repeated ``argmin`` passes.
+    Up to 8 candidates (2:4, 1:4, 1:8) :func:`~lbc.sparsity.nm.rank_columns` over the C columns
+    (no sort: several times faster on CPU for small C); beyond, the inverse of a stable argsort.
+    Both are vectorised over the groups.
     """
-    return torch.stack(rank_columns(values.unbind(1)), 1)
+    if values.shape[1] <= _FAST_PATH_MAX_CANDIDATES:
+        return torch.stack(rank_columns(values.unbind(1)), 1)
+    order = values.argsort(dim=1, stable=True)
+    dtype = torch.int8 if values.shape[1] <= 127 else torch.int32  # int8 as rank_columns gives
+    ranks = torch.arange(values.shape[1], dtype=dtype, device=values.device).expand_as(order)
+    return torch.empty(order.shape, dtype=dtype, device=values.device).scatter_(1, order, ranks)
 
 
 class LBCParametrization(nn.Module):
@@ -194,13 +201,7 @@ class LBCParametrization(nn.Module):
         """
         values = self.scores.detach()
         values = values - 1000.0 * (values == 0).to(values.dtype)
-        if self.pattern.num_candidates <= _FAST_PATH_MAX_CANDIDATES:
-            position = removal_position(values)
-        else:  # the rank of each candidate in a stable ascending sort of its group
-            order = values.argsort(dim=1, stable=True)
-            ranks = torch.arange(values.shape[1], device=values.device).expand_as(order)
-            position = torch.empty_like(order).scatter_(1, order, ranks)
-        alive = position >= count
+        alive = removal_position(values) >= count
         if zero_removed:
             self.scores.masked_fill_(~alive, 0.0)
         if torch.equal(alive, self.alive):
@@ -213,10 +214,8 @@ class LBCParametrization(nn.Module):
     def remove(self, count: int, values: torch.Tensor) -> None:
         """Remove the ``count`` lowest-valued alive candidates of every group (Alg. 1, line 7).
 
-        Ties go to the lower candidate index, so every process removes the same. Up to 8
-        candidates (2:4, 1:4, 1:8) one ranking by pairwise comparisons does it; beyond, one
-        ``argmin`` pass per removed candidate (``argmin`` returns the first minimum). Both are
-        vectorised over the groups and several times faster on CPU than a stable sort.
+        Ties go to the lower candidate index (:func:`removal_position`), so every process removes
+        the same.
         """
         if count <= 0:
             return
@@ -224,15 +223,7 @@ class LBCParametrization(nn.Module):
         # schedule expects (weights restored without the method's state) keeps one.
         limit = (self.alive.sum(dim=1, keepdim=True) - 1).clamp(min=0, max=count)
         ranked = values.float().masked_fill(~self.alive, math.inf)
-        if self.pattern.num_candidates <= _FAST_PATH_MAX_CANDIDATES:
-            self.alive &= removal_position(ranked) >= limit
-        else:
-            for k in range(count):
-                lowest = ranked.argmin(dim=1, keepdim=True)
-                keep = self.alive.gather(1, lowest) & (limit <= k)
-                self.alive.scatter_(1, lowest, keep)
-                if k + 1 < count:
-                    ranked.scatter_(1, lowest, math.inf)
+        self.alive &= removal_position(ranked) >= limit
         self.mask.copy_(mask_from_alive(self.alive, self.pattern, self.mask.shape))
         if self.grad_accum is not None:
             self.grad_accum.zero_()  # the gradient criterion counts the steps since the last removal

@@ -1,4 +1,10 @@
-"""Errors raised at the boundary (configs, files): one line that names what is wrong."""
+"""Errors raised at the boundary (configs, files): one line that names what is wrong, and the checks
+that raise them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -7,3 +13,20 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
     """A data set cannot be used as given (missing path, empty split, ...)."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise the one-line ConfigError ``<key>=<value> is not allowed; <allowed>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (a config value that may be used as a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(err).__name__

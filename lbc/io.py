@@ -9,16 +9,19 @@ function: the way a ``.pt`` file runs code when it is loaded) is refused before 
 
 from __future__ import annotations
 
+import os
 import pickle
 import pickletools
 import re
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from lbc.errors import ConfigError
+from lbc.errors import ConfigError, first_line
 
 # The one allow-list of globals lbc's loading accepts beyond torch's weights-only defaults.
 # Empty on purpose: what our checkpoints hold (state dicts of the model, optimizer, timm's
@@ -109,7 +112,7 @@ def read_pt(path: str | Path, key: str) -> Any:
             ) from None
         raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_unpickler_line(err)}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_first_line(err)}") from None
+        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {first_line(err)}") from None
     except (KeyError, IndexError, TypeError, AttributeError):  # text or random bytes read as a pickle stream
         raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: not a torch save file") from None
 
@@ -119,13 +122,8 @@ def _unpickler_line(err: BaseException) -> str:
     text = str(err)
     if "WeightsUnpickler error:" in text:
         rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
-        return next((line for line in rest if line), _first_line(err))
-    return _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        return next((line for line in rest if line), first_line(err))
+    return first_line(err)
 
 
 def load_model_weights(model: nn.Module, path: str | Path, key: str) -> None:
@@ -142,10 +140,47 @@ def load_model_weights(model: nn.Module, path: str | Path, key: str) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise ConfigError(f"{key}={str(path)!r} holds no state dict (expected a 'model' entry or a state dict)")
-    state = {k.removeprefix("module."): v for k, v in state.items() if ".parametrizations." not in k}
+    state = {k: v for k, v in strip_module_prefix(state).items() if ".parametrizations." not in k}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         lines = str(err).strip().splitlines()
         first = lines[1].strip() if len(lines) > 1 else lines[0]
         raise ConfigError(f"{key}={str(path)!r} does not fit the model: {first}") from None
+
+
+# --- writing and state-dict keys -----------------------------------------------------------------
+
+V = TypeVar("V")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` to a temp file beside ``path``, flushed to disk, then ``os.replace``: never half a file.
+
+    The one atomic writer of lbc (checkpoints, exports, converted backbones). The temp file is
+    ``.<name>.<random>.tmp`` (one left by a killed process is removed by
+    :func:`lbc.engine.checkpoint.clean_stale_temp`); the result gets the permissions the umask
+    gives a new file (``mkstemp``'s 0600 would make it private to its writer on a shared cluster).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def strip_module_prefix(state: Mapping[str, V]) -> dict[str, V]:
+    """State-dict keys without the ``module.`` that DDP / EMA wrappers put in front (one level)."""
+    return {str(k).removeprefix("module."): v for k, v in state.items()}

@@ -18,7 +18,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from lbc.config import per_process_batch
+from lbc.batching import per_process_batch
 
 
 def epoch_seed(*parts: int) -> int:

@@ -11,21 +11,10 @@ A method's constructor takes the same keywords (``tests/sparsity/test_options.py
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from lbc.errors import ConfigError
-
-
-def require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise the one-line ConfigError ``<key>=<value> is not allowed; <allowed>`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from lbc.errors import ConfigError, is_number, require
 
 
 @dataclass

@@ -11,9 +11,14 @@ from typing import Any
 from omegaconf import MISSING
 
 from lbc.batching import per_process_batch
+from lbc.config.resume import IGNORE, REFUSE, on_resume
 from lbc.errors import is_number, require
 
-__all__ = ["AdamWConfig", "AugmentConfig", "CosineConfig", "DataConfig", "DigitsConfig", "FolderConfig", "LoaderConfig", "ModelConfig", "ResNetSmallConfig", "SGDConfig", "SyntheticConfig", "TimmViTConfig", "TorchvisionModelConfig", "TrainerConfig"]
+__all__ = [
+    "AdamWConfig", "AugmentConfig", "CosineConfig", "DataConfig", "DigitsConfig", "FolderConfig",
+    "LoaderConfig", "ModelConfig", "ResNetSmallConfig", "SGDConfig", "SyntheticConfig", "TimmViTConfig",
+    "TorchvisionModelConfig", "TrainerConfig",
+]
 
 
 # --- optim ------------------------------------------------------------------------------------
@@ -85,22 +90,22 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 class TrainerConfig:
     """How the loop runs (lbc.engine): device, precision, logging and checkpoint cadence, resume."""
 
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    device: str = on_resume(IGNORE, default="auto")  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     amp: str | None = None  # null | bf16 | fp16 (autocast on CUDA only; fp16 adds a GradScaler)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     ema: bool = False  # keep a timm ModelEmaV3 copy and evaluate it too
     ema_decay: float = 0.99996
     clip_grad: float | None = None  # max gradient norm, or null
-    log_interval: int = 10  # steps between TensorBoard train scalars / progress-bar updates
-    ckpt_interval: int = 1  # epochs between writes of last.pt (always written after the last epoch)
-    max_steps_per_epoch: int | None = None  # cut each training epoch short (smoke runs)
+    log_interval: int = on_resume(IGNORE, default=10)  # steps between TensorBoard train scalars / progress-bar updates
+    ckpt_interval: int = on_resume(IGNORE, default=1)  # epochs between writes of last.pt (always written after the last epoch)
+    max_steps_per_epoch: int | None = on_resume(REFUSE, default=None)  # cut each training epoch short (smoke runs)
     max_eval_steps: int | None = None  # cut evaluation short
-    progress: bool = True  # tqdm bars and per-epoch lines on rank 0
-    resume: str | None = None  # checkpoint path; null = <run_dir>/last.pt if it exists
-    init_from: str | None = None  # start from these model weights (e.g. a dense run for ASP)
-    find_unused_parameters: bool = False  # passed to DistributedDataParallel
-    auto_scale_lr: int | None = None  # null: optim.lr as given; N: optim.lr is for a total batch of N, scaled linearly
+    progress: bool = on_resume(IGNORE, default=True)  # tqdm bars and per-epoch lines on rank 0
+    resume: str | None = on_resume(IGNORE, default=None)  # checkpoint path; null = <run_dir>/last.pt if it exists
+    init_from: str | None = on_resume(IGNORE, default=None)  # start from these model weights (e.g. a dense run for ASP)
+    find_unused_parameters: bool = on_resume(IGNORE, default=False)  # passed to DistributedDataParallel
+    auto_scale_lr: int | None = on_resume(REFUSE, default=None)  # null: optim.lr as given; N: for a total batch of N
 
     def __post_init__(self) -> None:
         require(bool(_DEVICE.fullmatch(self.device)), "trainer.device", self.device,
@@ -128,7 +133,7 @@ class LoaderConfig:
 
     batch_size: int | None = 64  # per process; null: global_batch_size / processes
     global_batch_size: int | None = None  # all processes together (the paper presets); needs batch_size=null
-    workers: int = 0
+    workers: int = on_resume(IGNORE, default=0)
     repeated_aug: int = 0  # timm RepeatAugSampler repeats (DeiT: 3); 0 = off
     drop_last: bool | None = None  # null: drop the last partial batch when training
 
@@ -198,7 +203,7 @@ class FolderConfig(DataConfig):
     """ImageNet-layout folders ``root/<split>/<class>/<image>``, timm's transforms."""
 
     name: str = "folder"
-    root: str = MISSING
+    root: str = on_resume(IGNORE, default=MISSING)
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 224

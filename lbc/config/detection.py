@@ -8,9 +8,13 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from lbc.config.resume import ALLOW, IGNORE, REFUSE, on_resume
 from lbc.errors import is_number, require
 
-__all__ = ["CocoDataConfig", "CocoShapesDataConfig", "DETECTION_PARTS", "DetectionTrainerConfig", "DetectorConfig", "RESNET_DEPTHS", "StepScheduleConfig"]
+__all__ = [
+    "CocoDataConfig", "CocoShapesDataConfig", "DETECTION_PARTS", "DetectionTrainerConfig",
+    "DetectorConfig", "RESNET_DEPTHS", "StepScheduleConfig",
+]
 
 DETECTION_PARTS = ("backbone", "neck", "rpn_head", "roi_head")  # a two-stage detector's top-level children
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
@@ -53,11 +57,11 @@ class CocoDataConfig:
     """A COCO-layout data set: ``root/annotations/instances_{train,val}2017.json``, ``root/{train,val}2017/``."""
 
     name: str = "coco"
-    root: str = MISSING
+    root: str = on_resume(IGNORE, default=MISSING)
     classes: list[str] | None = None  # null: mmdet's CocoDataset classes (the 80 of COCO)
     batch_size: int = 2  # training images per process (mmdet's 1x: 2 per GPU x 8 GPUs = 16)
-    val_batch_size: int = 1  # evaluation images per process
-    num_workers: int = 2  # data loader worker processes per process
+    val_batch_size: int = on_resume(ALLOW, default=1)  # evaluation images per process
+    num_workers: int = on_resume(ALLOW, default=2)  # data loader worker processes per process
     image_scale: list[int] = field(default_factory=lambda: [1333, 800])  # Resize scale (keep_ratio): long, short side
 
     def __post_init__(self) -> None:
@@ -116,15 +120,15 @@ class StepScheduleConfig:
 class DetectionTrainerConfig:
     """How mmengine's Runner runs: device, precision, cadence of evaluation, logs and checkpoints."""
 
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    device: str = on_resume(IGNORE, default="auto")  # auto (cuda if available, else cpu) | cpu | cuda
     amp: bool = False  # mixed precision (mmengine's AmpOptimWrapper, CUDA only)
     val_interval: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    log_interval: int = 50  # iterations between log lines / TensorBoard train scalars
+    log_interval: int = on_resume(IGNORE, default=50)  # iterations between log lines / TensorBoard train scalars
     checkpoint_interval: int = 1  # epochs between checkpoints (epoch_<n>.pth; the last epoch is always saved)
     max_keep_checkpoints: int | None = None  # keep the newest N epoch checkpoints; null = all
-    progress: bool = True  # mmengine's log lines on the console (run_dir/<time>/<time>.log keeps them anyway)
+    progress: bool = on_resume(IGNORE, default=True)  # mmengine's log lines on the console (run_dir/<time>/<time>.log keeps them anyway)
     deterministic: bool = False  # torch deterministic algorithms (mmengine randomness.deterministic)
-    auto_scale_lr: int | None = None  # null: optim.lr as given; N: optim.lr is for a total batch N, scaled linearly
+    auto_scale_lr: int | None = on_resume(REFUSE, default=None)  # null: optim.lr as given; N: for a total batch N
 
     def __post_init__(self) -> None:
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device", self.device, "choose from: auto, cpu, cuda")

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from lbc.errors import ConfigError
 
+
 # --- resolvers --------------------------------------------------------------------------------
 def _number(x: Any) -> int | float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -38,8 +39,13 @@ def sub(a: Any, b: Any) -> int | float:
     return _number(a) - _number(b)
 
 
+def smaller(a: Any, b: Any) -> int | float:
+    """``${min:a,b}``: the smaller of a and b (a default that must stay below another value)."""
+    return min(_number(a), _number(b))
+
+
 def register_resolvers() -> None:
-    """Register ``div``, ``mul`` and ``sub`` once (idempotent; importing this module does it)."""
-    for name, fn in (("div", div), ("mul", mul), ("sub", sub)):
+    """Register ``div``, ``mul``, ``sub`` and ``min`` once (idempotent; importing this module does it)."""
+    for name, fn in (("div", div), ("mul", mul), ("sub", sub), ("min", smaller)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -35,8 +35,10 @@ from lbc.config.detection import (
     DetectorConfig,
     StepScheduleConfig,
 )
+from lbc.config.resume import ALLOW, IGNORE, REFUSE, on_resume
 from lbc.errors import require
 from lbc.sparsity.options import OPTIONS as SPARSITY_OPTIONS
+
 
 # --- task -------------------------------------------------------------------------------------
 @dataclass
@@ -54,17 +56,24 @@ class TaskConfig:
 # --- the whole run ----------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """The primary config: one option per group, the seed, and where the run writes."""
+    """The primary config: one option per group, the seed, and where the run writes.
 
-    model: Any = MISSING
-    data: Any = MISSING
-    sparsity: Any = MISSING
-    optim: Any = MISSING
-    schedule: Any = MISSING
-    trainer: Any = MISSING
-    task: Any = MISSING  # classification | detection: which runner, and (task=detection) the groups' defaults
-    seed: int = 0
-    run_dir: str = MISSING  # config.yaml, metrics.jsonl, TensorBoard events and last.pt go here
+    Each group field sets the resume rule of the group's keys (:mod:`lbc.config.resume`): a resumed run
+    restores the optimizer (lr, betas), the scheduler (epochs, warm-up, lr range), the masks and
+    scores and the data order, so a change of ``model``, ``data``, ``sparsity``, ``optim``,
+    ``schedule`` or ``seed`` would silently not be used; ``trainer`` keys are honoured unless a field
+    says otherwise. ``task`` picks the runner: it cannot change while the model and data stay.
+    """
+
+    model: Any = on_resume(REFUSE, default=MISSING)
+    data: Any = on_resume(REFUSE, default=MISSING)
+    sparsity: Any = on_resume(REFUSE, default=MISSING)
+    optim: Any = on_resume(REFUSE, default=MISSING)
+    schedule: Any = on_resume(REFUSE, default=MISSING)
+    trainer: Any = on_resume(ALLOW, default=MISSING)
+    task: Any = on_resume(IGNORE, default=MISSING)  # classification | detection: the runner, and the groups' defaults
+    seed: int = on_resume(REFUSE, default=0)
+    run_dir: str = on_resume(IGNORE, default=MISSING)  # config.yaml, metrics.jsonl, TensorBoard events, checkpoints
 
 
 # group -> {option file name: its schema}. ``lbc/configs/<group>/<option>.yaml`` starts with

@@ -8,11 +8,9 @@ a tensor and numbers (:func:`rng_state`), not as numpy's own tuple with an ndarr
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 
 from lbc.errors import ConfigError
-from lbc.io import read_pt
+from lbc.io import atomic_write, read_pt
 
 # --- RNG states ---------------------------------------------------------------------------------
 
@@ -71,38 +69,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same directory, then ``os.replace``: never half a file.
+    """``torch.save`` through :func:`lbc.io.atomic_write`: never half a file, permissions as the umask says.
 
-    The temp file is ``.<name>.<random>.tmp``; one left by a killed process is removed by
-    :func:`clean_stale_temp`.
+    A temp file (``.<name>.<random>.tmp``) left by a killed process is removed by :func:`clean_stale_temp`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
-    """Atomic copy of a written checkpoint (milestones), through ``.<name>.tmp``."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Atomic copy of a written checkpoint (milestones), through :func:`lbc.io.atomic_write`."""
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
-# The temp names save() (".<name>.<mkstemp's 8 characters>.tmp") and copy() (".<name>.tmp") use,
+# The temp names atomic_write uses (".<name>.<mkstemp's 8 characters>.tmp"; ".<name>.tmp" from older versions),
 # for checkpoint names ending in .pt.
 _TEMP = re.compile(r"\.[^/]+\.pt(\.[A-Za-z0-9_]+)?\.tmp")
 

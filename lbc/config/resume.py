@@ -22,6 +22,7 @@ old runs resumable.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +32,7 @@ RULES = (IGNORE, ALLOW, REFUSE)
 METADATA_KEY = "resume"
 NO_DEFAULT: Any = object()  # schema_default's answer for a key without a default (or unknown to the schemas)
 
-__all__ = ["ALLOW", "IGNORE", "NO_DEFAULT", "REFUSE", "on_resume", "rule_of", "schema_default"]
+__all__ = ["ALLOW", "IGNORE", "NO_DEFAULT", "REFUSE", "flatten_keys", "on_resume", "rule_of", "schema_default"]
 
 
 def on_resume(rule: str, **field_options: Any) -> Any:
@@ -88,3 +89,15 @@ def schema_default(cfg: DictConfig, dotted: str) -> Any:
     if value == "???":  # OmegaConf's MISSING: a required key has no default
         return NO_DEFAULT
     return value
+
+
+def flatten_keys(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys; a leaf is anything but a non-empty mapping (lists are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out |= flatten_keys(v, f"{name}.")
+        else:
+            out[name] = v
+    return out

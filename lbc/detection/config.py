@@ -61,7 +61,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lbc.engine.checkpoint import flatten_keys
+from lbc.config.resume import flatten_keys
 from lbc.errors import ConfigError
 
 __all__ = ["OWNED", "checkpoint_in", "flat_cfg_options", "mmdet_configs_dir", "resolve_mmdet_config", "to_mmengine"]

@@ -14,24 +14,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lbc.config.resume import IGNORE, NO_DEFAULT, REFUSE, rule_of, schema_default
+from lbc.config.resume import IGNORE, NO_DEFAULT, REFUSE, flatten_keys, rule_of, schema_default
 from lbc.errors import ConfigError
 
-__all__ = ["changed_keys", "check_epoch", "check_resume", "flatten_keys"]
+__all__ = ["changed_keys", "check_epoch", "check_resume"]
 
 _ABSENT: Any = object()
-
-
-def flatten_keys(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to dotted keys; a leaf is anything but a non-empty mapping (lists are leaves)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out |= flatten_keys(v, f"{name}.")
-        else:
-            out[name] = v
-    return out
 
 
 def _where(key: str, path: str | Path | None) -> str:

@@ -10,9 +10,18 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from lbc.config.resume import ALLOW, IGNORE, NO_DEFAULT, REFUSE, on_resume, rule_of, schema_default
+from lbc.config.resume import (
+    ALLOW,
+    IGNORE,
+    NO_DEFAULT,
+    REFUSE,
+    flatten_keys,
+    on_resume,
+    rule_of,
+    schema_default,
+)
 from lbc.errors import ConfigError
-from lbc.run.resume import changed_keys, check_epoch, check_resume, flatten_keys
+from lbc.run.resume import changed_keys, check_epoch, check_resume
 from tests.helpers import TINY, compose_config
 
 

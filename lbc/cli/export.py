@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lbc.errors import ConfigError
-from lbc.export import ONNX_OPSET, atomic_write, export_run, format_checks, report_json
+from lbc.export import ONNX_OPSET, export_run, format_checks, report_json
+from lbc.io import atomic_write
 
 
 def main(argv: list[str] | None = None) -> int:

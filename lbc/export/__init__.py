@@ -1,0 +1,26 @@
+"""Ship a trained sparse model: fold the masks into plain weights, check N:M, write safetensors and ONNX.
+
+- :mod:`lbc.export.fold`: a training checkpoint's masks folded into the weights of a plain model
+  (``B * W``, checked to compute what the masked model computes);
+- :mod:`lbc.export.write`: the export directory (``model.safetensors``, ``config.yaml``,
+  ``report.json``), written atomically and read back by :func:`load_exported`;
+- :mod:`lbc.export.onnx`: ``model.onnx``, checked with onnxruntime;
+- :mod:`lbc.export.check`: ``lbc-check``'s reader and N:M checker of any weight file.
+"""
+
+from lbc.export.check import LayerCheck, check_layer, check_weights, format_checks, read_weights
+from lbc.export.fold import (
+    Folded,
+    fold_checkpoint,
+    infer_num_classes,
+    input_size_of,
+    load_training_checkpoint,
+)
+from lbc.export.onnx import ONNX_FILE, ONNX_OPSET, export_onnx
+from lbc.export.write import FILES, export_run, load_exported, read_export_config, report_json, write_export
+
+__all__ = [
+    "FILES", "ONNX_FILE", "ONNX_OPSET", "Folded", "LayerCheck", "check_layer", "check_weights", "export_onnx",
+    "export_run", "fold_checkpoint", "format_checks", "infer_num_classes", "input_size_of", "load_exported",
+    "load_training_checkpoint", "read_export_config", "read_weights", "report_json", "write_export",
+]

@@ -12,17 +12,18 @@ Which function runs the job is config: ``task.runner`` (``task=classification``,
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
+from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -41,39 +42,58 @@ def fail(message: str, status: int = 2) -> None:
     signals.exit_process(status)  # sys.exit; under torchrun, leave the process group first
 
 
-class _ComposeGuard:
-    """Holds back what Hydra writes to stderr until the job starts.
+class _HydraRaises:
+    """Makes Hydra raise its typed errors while it composes, instead of printing them and exiting with 1.
 
-    Hydra reports a composition error (an unknown key, a wrong type, a missing group option) as
-    several lines and exits with status 1 before our task runs; this turns those lines into our one
-    line with status 2. Once the task has started, stderr is the real one again and what was held
-    back (warnings) is written out.
+    Hydra reads ``HYDRA_FULL_ERROR=1`` when an error reaches it (``hydra/_internal/utils.py``,
+    ``run_and_report``). It is set while Hydra composes (before a job, and before each job of a
+    sweep); while a job runs, and once ``main`` is done, the user's own setting is back, so a crash
+    inside a job is reported as Hydra always reports it.
     """
 
-    def __init__(self) -> None:
-        self.held = io.StringIO()
-        self.real = sys.stderr
-        self.started = False
+    KEY = "HYDRA_FULL_ERROR"
 
-    def __enter__(self) -> _ComposeGuard:
-        sys.stderr = self.held
+    def __init__(self) -> None:
+        self.user = os.environ.get(self.KEY)
+        self.in_job = False
+
+    def __enter__(self) -> _HydraRaises:
+        os.environ[self.KEY] = "1"
         return self
 
-    def release(self) -> None:
-        if not self.started:
-            self.started = True
-            sys.stderr = self.real
-            if self.held.getvalue():
-                self.real.write(self.held.getvalue())
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
 
-    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
-        sys.stderr = self.real
-        if self.started or not isinstance(err, SystemExit) or not err.code:
-            if not self.started and self.held.getvalue():
-                self.real.write(self.held.getvalue())
-            return False
-        fail(lbc_config.one_line(self.held.getvalue() or "invalid configuration"))
-        return True  # not reached: fail() exits
+    @contextlib.contextmanager
+    def job(self) -> Iterator[None]:
+        """Around one job: the user's setting; Hydra raises again once the job has returned (a job that
+        raises leaves it so: Hydra reports that error as usual, and ``main`` knows it came from a job)."""
+        self.in_job = True
+        self._restore()
+        yield
+        self.in_job = False
+        os.environ[self.KEY] = "1"
+
+    def _restore(self) -> None:
+        if self.user is None:
+            os.environ.pop(self.KEY, None)
+        else:
+            os.environ[self.KEY] = self.user
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The command line's overrides, parsed by Hydra's own argument parser; a bad flag is a ConfigError."""
+    parser = get_args_parser()
+    parser.error = _bad_flag  # type: ignore[method-assign]  # argparse would print its usage and exit
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise ConfigError(f"{' '.join(extra)}: not a flag of lbc-train (see --help), or key=value overrides on "
+                          "both sides of a flag (put the flags first)")
+    return args.overrides
+
+
+def _bad_flag(message: str) -> NoReturn:
+    raise ConfigError(message)
 
 
 def run_job(cfg: DictConfig) -> None:
@@ -144,20 +164,25 @@ def main() -> None:
     """The ``lbc-train`` console script."""
     try:
         rundir.check_argv(sys.argv[1:])  # run_dir='' and the like: refused before Hydra creates anything there
+        overrides = _overrides(sys.argv[1:])
     except ConfigError as e:
         fail(str(e))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # the loop has its own
-    guard = _ComposeGuard()
+    raising = _HydraRaises()
 
     @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
     def task(cfg: DictConfig) -> None:
-        guard.release()
-        run_job(cfg)
+        with raising.job():
+            run_job(cfg)
 
     try:
-        with guard:
+        with raising:
             task()
+    except Exception as e:  # noqa: BLE001  (before a job starts, an error is about the command line or config)
+        if raising.in_job or raising.user == "1":  # a job's own error, or the user asked for Hydra's full trace
+            raise
+        fail(str(lbc_config.as_config_error(e, overrides)))  # Hydra could not compose: no job has started
     except KeyboardInterrupt as e:  # while Hydra composes or starts the job
         for out in _job_dirs:
             rundir.remove_if_unused(out)

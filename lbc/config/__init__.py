@@ -16,7 +16,7 @@ from __future__ import annotations
 from lbc.batching import per_process_batch, scaled_lr
 from lbc.config.classification import *  # noqa: F403
 from lbc.config.detection import *  # noqa: F403
-from lbc.config.errors import as_config_error, one_line
+from lbc.config.errors import as_config_error
 from lbc.config.resolvers import div, mul, register_resolvers, sub
 from lbc.config.schema import SCHEMAS, TaskConfig, TrainConfig, register_schemas
 from lbc.config.validate import validate
@@ -24,5 +24,5 @@ from lbc.config.validate import validate
 register_resolvers()
 register_schemas()
 
-__all__ = ["SCHEMAS", "TaskConfig", "TrainConfig", "as_config_error", "div", "mul", "one_line", "per_process_batch",
+__all__ = ["SCHEMAS", "TaskConfig", "TrainConfig", "as_config_error", "div", "mul", "per_process_batch",
            "register_resolvers", "register_schemas", "scaled_lr", "sub", "validate"]

@@ -8,9 +8,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lbc.config.errors import _SCHEMA_BY_NAME, as_config_error
+from lbc.config.errors import as_config_error
 from lbc.config.schema import SCHEMAS
 from lbc.errors import ConfigError, require
+
 
 def _check_keys(node: Any, schema: type, prefix: str) -> None:
     """Refuse keys the schema does not have (``+group.key=...`` adds one past the struct check)."""
@@ -18,9 +19,8 @@ def _check_keys(node: Any, schema: type, prefix: str) -> None:
     for key in node:
         if key not in names:
             raise ConfigError(f"{prefix}.{key} is not a known key; allowed: {', '.join(sorted(names))}")
-        sub = names[key].type
-        nested = _SCHEMA_BY_NAME.get(sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
-        if nested is not None and OmegaConf.is_dict(node._get_node(key)):
+        nested = OmegaConf.get_type(node._get_node(key))  # a nested schema (data.loader) keeps its type
+        if dataclasses.is_dataclass(nested) and OmegaConf.is_dict(node._get_node(key)):
             _check_keys(node[key], nested, f"{prefix}.{key}")
 
 

@@ -6,11 +6,17 @@ directories, and the keys that are accepted but would mean something else).
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 from pathlib import Path
 
 import pytest
+from hydra.errors import ConfigCompositionException
 
-from tests.helpers import TINY, run_cli
+import lbc.engine.trainer as trainer
+from lbc.config import SCHEMAS
+from tests.helpers import CONFIGS, TINY, run_cli
 
 CASES: list[tuple[str, list[str], str]] = [
     # loader keys
@@ -108,3 +114,73 @@ def test_a_data_set_of_unreadable_images_stops_instead_of_reporting_zero(tmp_pat
     assert code == 2, err
     assert err.strip().splitlines() == [err.strip()] and "no readable training image (8 unreadable)" in err
     assert "top-1 0.00" not in out and not (tmp_path / "run" / "last.pt").exists()
+
+
+# --- the exact lines of the errors Hydra finds while composing (from its exceptions, not its printed text) --
+LBC_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(SCHEMAS["sparsity"]["lbc"])))
+MODELS = ", ".join(sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
+EXACT: list[tuple[list[str], str]] = [
+    (["optim.lr=abc"], "optim.lr='abc' is not allowed; use a number"),
+    (["sparsity.comon=1"], f"sparsity.comon is not a known key; allowed: {LBC_KEYS}"),
+    (["model=nope"], f"model=nope is not a known option of the model group; choose from: {MODELS}"),
+    (["hydra/launcher=nope"], "hydra/launcher=nope is not a known option of the hydra/launcher group; choose from: basic"),
+    (["optim.lr=["], "optim.lr=[ cannot be parsed: no viable alternative at input '['"),
+    (["--cfg", "job", "optim.lr=abc"], "optim.lr='abc' is not allowed; use a number"),
+    (["-m", "optim.lr=0.1,abc"], "optim.lr='abc' is not allowed; use a number"),  # before any job of the sweep
+    (["--bogus"], "--bogus: not a flag of lbc-train (see --help), or key=value overrides on both sides of a flag "
+                  "(put the flags first)"),
+    (["--resolve"], "The --resolve flag can only be used in conjunction with --cfg or --help"),
+]
+
+
+@pytest.mark.parametrize("args, expected", EXACT, ids=[" ".join(e[0]) for e in EXACT])
+def test_composition_errors_are_exact_lines_and_leave_no_run(tmp_path: Path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(*args, f"run_dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert (code, err) == (2, f"error: {expected}\n") and out == ""
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep" / "0").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["sweep"])
+
+
+def test_help_and_cfg_job_print_as_before(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("--cfg", "job", "optim.lr=0.5")
+    assert (code, err) == (0, "") and "  lr: 0.5\n" in out and "\nseed: 0\n" in out
+    code, out, err = run_cli("--help")
+    assert (code, err) == (0, "") and "== Configuration groups ==" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("user", [None, "0"])
+def test_hydra_raises_only_while_it_composes(tmp_path: Path, monkeypatch, user):
+    """HYDRA_FULL_ERROR=1 while Hydra composes; the user's own value inside the job and after lbc-train."""
+    if user is None:
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    else:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", user)
+    seen: list[str | None] = []
+    monkeypatch.setattr(trainer, "run", lambda cfg: seen.append(os.environ.get("HYDRA_FULL_ERROR")))
+    code, _, err = run_cli(*TINY, f"run_dir={tmp_path / 'run'}")
+    assert (code, err, seen) == (0, "", [user]) and os.environ.get("HYDRA_FULL_ERROR") == user
+    code, _, err = run_cli("optim.lr=abc", f"run_dir={tmp_path / 'bad'}")
+    assert code == 2 and err.startswith("error: optim.lr=") and os.environ.get("HYDRA_FULL_ERROR") == user
+
+
+def test_a_crash_inside_a_job_is_reported_by_hydra_as_before(tmp_path: Path, monkeypatch):
+    if sys.gettrace() is not None:
+        pytest.skip("under a debugger or coverage Hydra re-raises instead of reporting")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def crash(cfg):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(trainer, "run", crash)
+    code, _, err = run_cli(*TINY, f"run_dir={tmp_path / 'run'}")
+    assert code == 1 and "RuntimeError: boom" in err and "Set the environment variable HYDRA_FULL_ERROR=1" in err
+
+
+def test_a_users_hydra_full_error_gets_hydras_full_trace(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigCompositionException):
+        run_cli("optim.lr=abc", f"run_dir={tmp_path / 'run'}")
+    assert os.environ["HYDRA_FULL_ERROR"] == "1" and not (tmp_path / "run").exists()

@@ -209,22 +209,15 @@ def test_exclude_given_as_one_string_is_one_glob():
     assert typed["sparsity"].exclude == ["fc"]
 
 
-def test_sparsity_schemas_match_the_method_constructors():
-    """A key of a method's schema is a keyword of its constructor, with the same default."""
+def test_sparsity_schemas_are_the_method_options():
+    """A method's schema is its registered options dataclass, and its constructor takes that object: no
+    keyword copies of the keys or defaults to drift apart (tests/sparsity/test_options.py checks more)."""
     import inspect
 
     from lbc.sparsity import METHODS
 
+    assert SCHEMAS["sparsity"] and SCHEMAS["sparsity"] == METHODS.schemas()
     for method, schema in SCHEMAS["sparsity"].items():
         cls = METHODS.get(method)
-        keywords: dict[str, inspect.Parameter] = {}
-        for klass in reversed(cls.__mro__):
-            if "__init__" in vars(klass):
-                keywords |= dict(inspect.signature(klass.__init__).parameters)
-        for f in dataclasses.fields(schema):
-            if f.name == "method":
-                continue
-            assert f.name in keywords, f"{method}: {f.name} is not a constructor keyword"
-            default = keywords[f.name].default
-            if default is not inspect.Parameter.empty and f.default is not dataclasses.MISSING:
-                assert default == f.default, f"{method}.{f.name}: constructor {default!r}, schema {f.default!r}"
+        assert cls.Options is schema and dataclasses.fields(schema)[0].default == method
+        assert list(inspect.signature(cls.__init__).parameters) == ["self", "model", "options", "input_size"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -44,8 +45,13 @@ def smaller(a: Any, b: Any) -> int | float:
     return min(_number(a), _number(b))
 
 
+def floor(x: Any) -> int:
+    """``${floor:x}``: the largest whole number <= x (a whole epoch count from a fraction of the epochs)."""
+    return math.floor(_number(x))
+
+
 def register_resolvers() -> None:
-    """Register ``div``, ``mul``, ``sub`` and ``min`` once (idempotent; importing this module does it)."""
-    for name, fn in (("div", div), ("mul", mul), ("sub", sub), ("min", smaller)):
+    """Register ``div``, ``mul``, ``sub``, ``min`` and ``floor`` once (idempotent; importing this module does it)."""
+    for name, fn in (("div", div), ("mul", mul), ("sub", sub), ("min", smaller), ("floor", floor)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

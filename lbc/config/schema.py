@@ -37,7 +37,7 @@ from lbc.config.detection import (
 )
 from lbc.config.resume import ALLOW, IGNORE, REFUSE, on_resume
 from lbc.errors import require
-from lbc.sparsity.options import OPTIONS as SPARSITY_OPTIONS
+from lbc.sparsity import METHODS
 
 
 # --- task -------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
               "resnet50": TorchvisionModelConfig, "deit_small_patch16_224": TimmViTConfig,
               "faster_rcnn_r50_fpn": DetectorConfig, "mask_rcnn_r50_fpn": DetectorConfig,
               "faster_rcnn_r18_fpn_shapes": DetectorConfig, "mask_rcnn_r18_fpn_shapes": DetectorConfig},
-    "sparsity": dict(SPARSITY_OPTIONS),
+    "sparsity": METHODS.schemas(),  # each method's options dataclass, from the registry
     "task": {"classification": TaskConfig, "detection": TaskConfig},
 }
 

@@ -13,9 +13,10 @@ A payload is ``{"meta": {...}, "tensors": {name: tensor}}``. ``tensors`` are the
 the classification state dict: dense (stored) weights, BN parameters and statistics, and for each
 masked layer the method's own tensors (``<layer>.parametrizations.weight.0.{mask, scores, alive}``).
 ``meta`` holds the source, the ResNet depth, the source's method and pattern, the method's state
-(LBC's ``removed``, ASP's ``pruned``; the classification model's cost bookkeeping is dropped), its
-options and the masked layers. :func:`load_backbone` also takes a classification checkpoint directly
-(it converts it on the fly), so ``init_backbone`` may name a run's ``last.pt``.
+(the classification model's cost bookkeeping dropped; the method's ``carried_state`` says what of
+it the detector takes over: LBC's ``removed``, ASP's ``pruned``), its options and the masked layers.
+:func:`load_backbone` also takes a classification checkpoint directly (it converts it on the fly),
+so ``init_backbone`` may name a run's ``last.pt``.
 
 Masks are kept exactly when the detector trains with the source's method and pattern; otherwise the
 detector starts from the masked weights ``B * W`` (what the classification model computed with).
@@ -37,7 +38,8 @@ from torch.nn.utils import parametrize
 
 from lbc.errors import ConfigError
 from lbc.io import read_pt
-from lbc.sparsity.nm import parse_pattern, topn_mask
+from lbc.sparsity import METHODS, SparsityMethod
+from lbc.sparsity.nm import parse_pattern
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,6 @@ META_KEY = "lbc_backbone"  # safetensors metadata entry (JSON) / torch file entr
 OWN = ".parametrizations.weight.0."  # a method's per-layer tensors: <layer>.parametrizations.weight.0.<name>
 _ORIGINAL = ".parametrizations.weight.original"  # the dense weight's key inside a parametrised module
 BACKBONE_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
-# Method state carried into the detector's method when masks are kept: what says where the source is on
-# its schedule. The rest (epoch, cost timelines of the classification model) is the detector's own.
-CARRIED_STATE = {"lbc": ("removed",), "asp": ("pruned",)}
 # A method's per-layer tensors that define the mask; others (LBC's grad_accum, an accumulator of the
 # gradient criterion) keep the detector's fresh values when the file has none.
 DEFINING = ("mask", "scores", "alive")
@@ -181,12 +180,14 @@ def convert(checkpoint: str | Path, *, key: str = "checkpoint") -> dict[str, Any
         raise ConfigError(f"{where}: layer {missing[0]!r} has a mask but no weight")
     method = str(sparsity["method"]) if sparsity and "method" in sparsity else None
     pattern = str(sparsity["pattern"]) if sparsity and "pattern" in sparsity else None
-    if method not in (None, "dense") and not layers:
+    cls = _method(method)
+    if method is not None and (cls is None or cls.masks_weights) and not layers:
         raise ConfigError(f"{where}: its sparsity state names method {method!r} but the model holds no masks")
-    if method == "srste":  # SR-STE's forward uses the top-N of the current weight, not the last step's buffer
+    if cls is not None and layers:  # the mask the detector starts from (SR-STE: the top-N of the weight)
         nm = parse_pattern(pattern or "2:4")
         for layer in layers:
-            tensors[f"{layer}{OWN}mask"] = topn_mask(tensors[f"{layer}.weight"], nm)
+            mask = f"{layer}{OWN}mask"
+            tensors[mask] = cls.carried_mask(tensors[f"{layer}.weight"], tensors[mask], nm)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -199,6 +200,11 @@ def convert(checkpoint: str | Path, *, key: str = "checkpoint") -> dict[str, Any
         "layers": layers,
     }
     return {"meta": meta, "tensors": tensors}
+
+
+def _method(name: str | None) -> type[SparsityMethod] | None:
+    """The registered method class called ``name`` (None: unknown or not named)."""
+    return METHODS.get(name) if name in METHODS else None
 
 
 def read_backbone(path: str | Path, key: str = "model.init_backbone") -> dict[str, Any]:
@@ -241,8 +247,8 @@ def describe(payload: dict[str, Any]) -> str:
     convs = sum(1 for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 4)
     depth = f"ResNet-{meta['depth']}" if meta.get("depth") else "ResNet"
     if meta["layers"]:
-        state = meta.get("state") or {}
-        extra = "".join(f", {k} {state[k]}" for k in CARRIED_STATE.get(meta["method"] or "", ()) if k in state)
+        carried = (_method(meta["method"]) or SparsityMethod).carried_state(meta.get("state") or {})
+        extra = "".join(f", {k} {v}" for k, v in carried.items())
         kind = f"sparse {meta['method'] or 'unknown method'} {meta['pattern'] or ''}".rstrip()
         what = f"{kind} ({len(meta['layers'])} masked layers{extra})"
     else:
@@ -336,20 +342,17 @@ def load_backbone(sparse_detector: Any, path: str | Path, *, key: str = "model.i
     backbone.load_state_dict(state, strict=False)
     carried = bool(kept) and set(kept) == masked == set(inside) and not outside
     if kept:
-        source_state = meta.get("state") or {}
-        extra = {k: source_state[k] for k in CARRIED_STATE.get(sp.name, ()) if k in source_state} if carried else {}
-        if carried:  # the detector's own epoch and cost timeline, the source's place on the schedule
-            sp.load_state_dict({**sp.state_dict(), **extra})
-        else:
+        # the detector's own epoch and cost timeline; when carried, the source's place on the schedule
+        extra = sp.carry_in((meta.get("state") or {}) if carried else None)
+        if not carried:
             differ = sorted(masked ^ set(inside)) + outside
             log.warning("%s: %s %s masks of %d backbone layers kept; the method's schedule state starts fresh: "
                         "the detector's sparse layers differ from the checkpoint's (first: %s)",
                         where, sp.name, sp.pattern, len(kept), differ[0] if differ else "?")
-        sp.flops.record(sp.epoch, sp.densities())
         log.info("%s: %s backbone, %s %s masks of %d layers kept%s", where, _depth_name(src), sp.name, sp.pattern,
                  len(kept), "".join(f", {k} {v}" for k, v in extra.items()))
     elif masked:
-        method = f"{sp.name} {sp.pattern}" if sp is not None and sp.name != "dense" else "dense"
+        method = f"{sp.name} {sp.pattern}" if sp is not None and sp.masks_weights else "dense"
         log.warning("%s: masks not kept (the checkpoint is %s %s, the detector trains %s): its masked weights "
                     "B*W are the backbone's dense start", where, meta["method"] or "of an unknown method",
                     meta["pattern"] or "", method)

@@ -80,8 +80,8 @@ class SparseDetector(BaseModel):
 
     Args:
         detector: the detector's config (``dict(type='MaskRCNN', backbone=..., ...)``), built with mmdet's MODELS.
-        sparsity: ``lbc.sparsify`` keywords: ``method`` (lbc | srste | asp | dense; default lbc) and the method's
-            options (``pattern``, ``t_i``, ``t_f``, ``exclude``, ...). None: dense.
+        sparsity: ``lbc.sparsify`` keywords: ``method`` (a name in ``lbc.METHODS``; absent: ``lbc.sparsify``'s
+            default) and the method's options (``pattern``, ``t_i``, ``t_f``, ``exclude``, ...). None: dense.
         parts: top-level children of the detector to sparsify (default: the backbone); the others stay dense.
             Ignored when ``sparsity`` names ``exclude`` globs (relative to the detector) itself.
         init_backbone: a checkpoint path whose backbone ``init_weights`` loads (``lbc.detection.backbone``).
@@ -114,10 +114,9 @@ class SparseDetector(BaseModel):
         self.detector = built  # the data preprocessor is shared: self.data_preprocessor is the detector's
         self.parts = parts
         self.init_backbone = init_backbone
-        method = options.pop("method")
         if options.get("exclude") is None:
             options["exclude"] = globs
-        self.sparsity: SparsityMethod = sparsify(self.detector, method, input_size=FIRST_FORWARD, **options)
+        self.sparsity: SparsityMethod = sparsify(self.detector, input_size=FIRST_FORWARD, **options)
         self.sparsity.exclude_from_ddp(self)
 
     # --- mmengine's entry points, delegated ---------------------------------------------------
@@ -151,7 +150,7 @@ class SparseDetector(BaseModel):
 
 
 def _sparsity_options(sparsity: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Checked copy of the ``sparsity`` dict with ``method`` filled in (None: dense)."""
+    """Checked copy of the ``sparsity`` dict (None: the dense method)."""
     if sparsity is None:
         return {"method": "dense"}
     if not isinstance(sparsity, Mapping):
@@ -161,5 +160,4 @@ def _sparsity_options(sparsity: Mapping[str, Any] | None) -> dict[str, Any]:
     if "input_size" in options:
         raise ConfigError("sparsity.input_size is not an option of SparseDetector; layer MACs are measured on the "
                           "detector's first forward")
-    options.setdefault("method", "lbc")
     return options

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,11 +11,12 @@ from lbc.errors import ConfigError
 from lbc.sparsity import asp, dense, lbc, srste  # noqa: F401  (registers the methods)
 from lbc.sparsity.base import SparsityMethod
 from lbc.sparsity.nm import NMPattern, parse_pattern
-from lbc.sparsity.options import OPTIONS, check_options
+from lbc.sparsity.options import SparsityOptions, check_options
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.selection import LayerSelection, select_layers
 
-__all__ = ["METHODS", "LayerSelection", "NMPattern", "SparsityMethod", "parse_pattern", "select_layers", "sparsify"]
+__all__ = ["METHODS", "LayerSelection", "NMPattern", "SparsityMethod", "SparsityOptions", "parse_pattern",
+           "select_layers", "sparsify"]
 
 
 def sparsify(
@@ -25,7 +25,7 @@ def sparsify(
     """Attach sparsity ``method`` to ``model`` in place and return the method object.
 
     ``options`` are the method's keywords (``pattern``, ``exclude``, ``t_i``, ``t_f``, ...), checked
-    against its options dataclass (``lbc.sparsity.options``, the same schema the config uses): an
+    against its options dataclass (``METHODS.get(method).Options``, the schema the config uses): an
     unknown key or a bad value is a one-line ConfigError naming ``sparsity.<key>``. ``input_size``
     weights the training-FLOPs figures by each layer's MACs: (C, H, W) counts them now on a made-up
     input, ``"first_forward"`` measures them on the model's first real forward (for models that
@@ -36,22 +36,4 @@ def sparsify(
     if not isinstance(method, str):
         raise ConfigError(f"sparsity.method={method!r} is not allowed; use a method name ({', '.join(METHODS.names())})")
     cls = METHODS.get(method, key="sparsity.method")
-    if method in OPTIONS:
-        checked = check_options(method, options)
-    else:  # a method registered without an options dataclass: its constructor's keywords
-        allowed = _keywords(cls)
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise ConfigError(f"sparsity.{unknown[0]} is not an option of method {method!r}; "
-                              f"allowed: {', '.join(sorted(allowed))}")
-        checked = options
-    return cls(model, **checked, input_size=input_size)
-
-
-def _keywords(cls: type) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            params = inspect.signature(klass.__init__).parameters
-            names |= {p for p in params if p not in ("self", "model", "args", "kwargs", "input_size", "common")}
-    return names
+    return cls(model, check_options(cls.Options, method, options), input_size=input_size)

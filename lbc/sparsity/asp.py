@@ -26,18 +26,42 @@ apex monkey-patches ``optimizer.step``; we do not: the masked backward lives in 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lbc.errors import ConfigError
+from lbc.errors import is_number, require
 from lbc.sparsity.base import SparsityMethod, float_view
-from lbc.sparsity.nm import NMPattern, parse_pattern, topn_mask
+from lbc.sparsity.nm import topn_mask
+from lbc.sparsity.options import SparsityOptions
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.selection import stem_and_classifier
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ASPOptions(SparsityOptions):
+    """ASP (apex): dense for ``dense_epochs``, one-shot magnitude prune, masked fine-tuning."""
+
+    method: str = "asp"
+    dense_epochs: int = 0  # dense phase; the prune happens at this epoch (0: at the first step)
+    finetune_epochs: float | None = None  # masked fine-tuning; None: the rest of the schedule
+    prune_classifier: bool = False  # apex: true (also prunes the classifier)
+    apex_dims: bool = False  # apex: true (skip layers with out % 8 or in % 16 != 0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.dense_epochs, int) and not isinstance(self.dense_epochs, bool)
+                and self.dense_epochs >= 0, "sparsity.dense_epochs", self.dense_epochs,
+                "use a whole number of epochs >= 0 (dense.pt is written at an epoch's end)")
+        require(self.finetune_epochs is None or is_number(self.finetune_epochs) and self.finetune_epochs > 0,
+                "sparsity.finetune_epochs", self.finetune_epochs, "use a number of epochs > 0 or null (the rest)")
+        for key in ("prune_classifier", "apex_dims"):
+            require(isinstance(getattr(self, key), bool), f"sparsity.{key}", getattr(self, key), "use true or false")
 
 
 class _FixedMask(torch.autograd.Function):
@@ -65,42 +89,25 @@ class ASPParametrization(nn.Module):
         return _FixedMask.apply(weight, float_view(self, "mask", weight.dtype))
 
 
-@METHODS.register("asp")
+@METHODS.register(options=ASPOptions)
 class ASP(SparsityMethod):
     """Dense for ``dense_epochs``, one-shot magnitude prune to N:M, masked fine-tuning (apex ASP)."""
 
-    name = "asp"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        pattern: str | NMPattern = "2:4",
-        dense_epochs: int = 0,
-        finetune_epochs: float | None = None,
-        prune_classifier: bool = False,
-        apex_dims: bool = False,
-        exclude: str | list[str] | None = None,
-        **common: Any,
-    ) -> None:
-        for key, value in (("dense_epochs", dense_epochs), ("finetune_epochs", finetune_epochs)):
-            if value is None and key == "finetune_epochs":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"sparsity.{key}={value!r}; need a non-negative number of epochs"
-                                  + (" or null (the rest of the schedule)" if key == "finetune_epochs" else ""))
-        if not float(dense_epochs).is_integer():
-            raise ConfigError(f"sparsity.dense_epochs={dense_epochs!r}; need a whole number of epochs "
-                              "(the dense hand-off checkpoint dense.pt is written at an epoch's end)")
-        self.dense_epochs, self.finetune_epochs = int(dense_epochs), finetune_epochs
-        self.prune_classifier, self.apex_dims = prune_classifier, apex_dims
-        if exclude is None and prune_classifier:
-            exclude = stem_and_classifier(model)[0]  # apex prunes the classifier too
+    def __init__(self, model: nn.Module, options: ASPOptions, input_size: Sequence[int] | str | None = None) -> None:
+        self.dense_epochs, self.finetune_epochs = options.dense_epochs, options.finetune_epochs
+        self.prune_classifier, self.apex_dims = options.prune_classifier, options.apex_dims
         self.pruned = False
         self._apex_skipped: dict[str, str] = {}
-        super().__init__(model, parse_pattern(pattern), exclude=exclude, **common)
+        super().__init__(model, options, input_size)
         for name, why in self._apex_skipped.items():
             del self.layers[name]
             self.dense_reasons[name] = why
+
+    def excluded(self, model: nn.Module) -> list[str] | None:
+        """``exclude``; unset with ``prune_classifier``: the stem only (apex prunes the classifier too)."""
+        if self.options.exclude is None and self.prune_classifier:
+            return stem_and_classifier(model)[0]
+        return self.options.exclude
 
     def parametrization(self, name: str, module: nn.Module) -> nn.Module | None:
         out, inp = module.weight.shape[:2]
@@ -157,6 +164,11 @@ class ASP(SparsityMethod):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pruned": self.pruned, "dense_epochs": self.dense_epochs}
+
+    @classmethod
+    def carried_state(cls, state: Mapping[str, Any]) -> dict[str, Any]:
+        """``pruned``: a pruned source's masks stay as they are (no second prune at ``dense_epochs``)."""
+        return {k: state[k] for k in ("pruned",) if k in state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

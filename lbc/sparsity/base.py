@@ -8,7 +8,9 @@ method's backward, so no trainer needs an "after backward" moment.
 
 The trainer (and any other loop, e.g. MMDetection hooks) talks to a method only through:
 ``score_parameters``, ``param_groups``, ``update(epoch)``, ``state_dict``/``load_state_dict``,
-``report``, ``masks``, ``milestones``, ``exclude_from_ddp`` and ``finalize``.
+``report``, ``masks``, ``milestones``, ``exclude_from_ddp`` and ``finalize``. Carrying a trained
+model's sparsity into another model (a classification checkpoint into a detector's backbone) goes
+through ``carried_state``, ``carried_mask`` and ``carry_in``.
 
 Under DistributedDataParallel the method's own tensors (scores, masks, alive sets) stay outside
 DDP (:meth:`SparsityMethod.exclude_from_ddp`): masks are equal on every rank by construction and
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +34,7 @@ from torch.nn.utils import parametrize
 from lbc.errors import ConfigError
 from lbc.flops import MacProbe, TrainingFlops, layer_costs
 from lbc.sparsity.nm import NMPattern, is_exactly_nm, is_nm, parse_pattern
+from lbc.sparsity.options import SparsityOptions
 from lbc.sparsity.selection import select_layers
 
 log = logging.getLogger(__name__)
@@ -101,29 +104,32 @@ def average_gradient_across_processes(param: torch.Tensor) -> None:
 class SparsityMethod:
     """Base class: attach/detach, masks, figures; layer selection and FLOPs are delegated.
 
-    Subclasses set ``name``, return a parametrisation from :meth:`parametrization` (or None to
-    leave a layer untouched) and may override :meth:`update`, :meth:`unit_cost` and friends.
-    Layers are chosen by :func:`~lbc.sparsity.selection.select_layers`; the training-FLOPs
-    figures are kept by a :class:`~lbc.flops.TrainingFlops` meter (``self.flops``).
+    Subclasses are registered with their options dataclass (``@METHODS.register(options=...)``,
+    which sets ``name`` and ``Options``), take the checked options object, return a
+    parametrisation from :meth:`parametrization` (or None to leave a layer untouched) and may
+    override :meth:`update`, :meth:`unit_cost` and friends. Layers are chosen by
+    :func:`~lbc.sparsity.selection.select_layers`; the training-FLOPs figures are kept by a
+    :class:`~lbc.flops.TrainingFlops` meter (``self.flops``).
     """
 
     name: ClassVar[str] = "base"
+    Options: ClassVar[type[SparsityOptions]] = SparsityOptions
+    masks_weights: ClassVar[bool] = True  # False: the method attaches nothing (dense), its models hold no masks
 
     def __init__(
         self,
         model: nn.Module,
-        pattern: str | NMPattern = "2:4",
-        exclude: str | Iterable[str] | None = None,
-        strict: bool = False,
-        input_size: tuple[int, ...] | list[int] | str | None = None,
+        options: SparsityOptions,
+        input_size: Sequence[int] | str | None = None,
     ) -> None:
         taken = next((n for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")), None)
         if taken is not None:
             raise ConfigError(f"layer {taken!r} already has a reparametrised weight (a sparsity method is "
                               "attached): call .detach() on that method before attaching another")
         self.model = model
-        self.pattern = parse_pattern(pattern)
-        selection = select_layers(model, self.pattern, exclude, strict)
+        self.options = options
+        self.pattern = parse_pattern(options.pattern)
+        selection = select_layers(model, self.pattern, self.excluded(model), options.strict)
         self.exclude = selection.exclude
         self.layers: dict[str, nn.Module] = selection.layers
         self.dense_reasons: dict[str, str] = selection.dense_reasons
@@ -156,6 +162,10 @@ class SparsityMethod:
     def parametrization(self, name: str, module: nn.Module) -> nn.Module | None:
         """The reparametrisation of ``module.weight`` (None: leave the layer as it is)."""
         return None
+
+    def excluded(self, model: nn.Module) -> list[str] | None:
+        """Module-name globs kept dense: ``options.exclude`` (None: the stem and the classifier)."""
+        return self.options.exclude
 
     def unit_cost(self, density: float) -> float:
         """Cost of one training step of a layer at ``density``, relative to dense (fwd 1 + bwd 2).
@@ -261,6 +271,27 @@ class SparsityMethod:
         self.flops.load_state_dict(state)
         if self.flops.measured and self._probe is not None:  # the saved run measured its layers already
             self._probe.remove()
+
+    # --- carrying a trained model's sparsity into another model ---------------------------------
+    @classmethod
+    def carried_state(cls, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of a saved :meth:`state_dict` that another model's method takes over with the
+        masks: where the source is on its schedule. The rest (epoch, cost timeline) is the new model's."""
+        return {}
+
+    @classmethod
+    def carried_mask(cls, weight: torch.Tensor, mask: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+        """The mask another model starts from, given a layer's saved (dense) weight and mask buffer."""
+        return mask
+
+    def carry_in(self, state: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Continue from masks just loaded into this method's layers (the model's state dict holds them)
+        and, given the source's saved ``state``, from its place on the schedule. Returns what was carried."""
+        carried = {} if state is None else self.carried_state(state)
+        if state is not None:
+            self.load_state_dict({**self.state_dict(), **carried})
+        self._record_cost()
+        return carried
 
     def detach(self) -> None:
         """Remove the reparametrisations, leaving each weight as its masked value ``B * W``."""

@@ -7,10 +7,11 @@ the mask keeps every weight that some alive candidate contains (Eq. 8), the forw
 
 Where the authors' released code differs from the paper, the difference is an option:
 ``score_init="released"`` (1 / C(M-1, N-1); Alg. 1 starts every score at 1),
-``rounding="released"`` (floor instead of ceil in Eq. 6), ``exponent=4`` with ``t_f`` at 2/3 of
-the epochs (their DeiT recipe) and ``score_weight_decay`` (their code decays scores like weights:
-the default, None, does so too). ``update_every="step"`` applies Eq. 6 at fractional epochs
-instead of once per epoch.
+``rounding="released"`` (floor instead of ceil in Eq. 6: one candidate fewer removed at every epoch
+strictly between ``t_i`` and ``t_f``, see :mod:`lbc.sparsity.schedule`), ``exponent=4`` with ``t_f``
+at 2/3 of the epochs (their DeiT recipe), ``freeze_scores=False`` (their DeiT script, below) and
+``score_weight_decay`` (their code decays scores like weights: the default, None, does so too).
+``update_every="step"`` applies Eq. 6 at fractional epochs instead of once per epoch.
 
 ``removal`` chooses how candidates leave:
 
@@ -22,8 +23,19 @@ instead of once per epoch.
   back. Scores that are exactly 0 rank below every other (the code subtracts 1000 from them).
   Ties go to the lower candidate index, as in ``paper`` mode.
 
-Once one candidate is left in every group the scores stop training (both modes; the released
-code does the same): they can no longer change the mask, so this only saves their work.
+``freeze_scores`` (default True) says what the scores do once one candidate is left in every
+group (from ``t_f`` on). True: they stop training (no gradient, so no optimizer update or weight
+decay either), as the authors' ResNet script does; in both removal modes the mask then never
+changes again, so this only saves their work. False: they keep training, as the authors' DeiT
+script does (AdamW keeps updating and decaying them); what that can change depends on ``removal``:
+
+- ``paper``: nothing but the scores. Removal is final, the one alive candidate of every group is
+  its survivor for good, and only the survivor's score gets a gradient; the model is the same as
+  with frozen scores (the scores' values and optimizer state in checkpoints differ).
+- ``released``: the survivor. Before every step the alive candidate is re-chosen as the top-1 by
+  signed score and the others' scores are zeroed, as before ``t_f``; the alive score still learns
+  and decays, and optimizer momentum can move a zeroed score above it, so a group's survivor (its
+  N kept weights) can change at any step after ``t_f``. The model stays exactly N:M.
 
 ``t_i == t_f`` (Table 5's (0, 0) row: N:M from the first step) is our decision, documented here
 because the released code cannot run it (it divides by ``t_f - t_i``):
@@ -35,8 +47,8 @@ because the released code cannot run it (it divides by ``t_f - t_i``):
   magnitude choice at the first step).
 - ``released``: from ``t_f`` on the mask is the top-(C - k) by score at every step, and every
   candidate's score keeps learning through Eq. 9's straight-through gradient (not only the
-  alive ones'; removed scores are not zeroed) and the scores are never frozen: the scores keep
-  choosing the survivor. With the alive-only gradient of the released code the candidates
+  alive ones'; removed scores are not zeroed) and the scores are never frozen (whatever
+  ``freeze_scores`` says): the scores keep choosing the survivor. With the alive-only gradient of the released code the candidates
   dropped at the first step would never get a gradient, and the mask would be index order
   forever. At the very first step all scores are equal, and as ties remove the lower index
   first, the last candidate is kept for that one step.
@@ -46,13 +58,15 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lbc.errors import ConfigError
+from lbc.errors import ConfigError, is_number, require
 from lbc.sparsity.base import SparsityMethod, float_view
 from lbc.sparsity.nm import (
     NMPattern,
@@ -64,6 +78,7 @@ from lbc.sparsity.nm import (
     rank_columns,
     to_groups,
 )
+from lbc.sparsity.options import SparsityOptions
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.schedule import ROUNDINGS, removed_total
 
@@ -76,6 +91,50 @@ log = logging.getLogger(__name__)
 CRITERIA = ("score", "score_inverse", "magnitude", "gradient")
 LEARNED_CRITERIA = ("score", "score_inverse")
 REMOVALS = ("paper", "released")
+
+
+@dataclass
+class LBCOptions(SparsityOptions):
+    """LBC (paper Sec. 3.3, Alg. 1): gradual removal of candidates on Eq. 6 between ``t_i`` and ``t_f``."""
+
+    method: str = "lbc"
+    t_i: float = 0.0  # first epoch of candidate removal (paper: 0)
+    t_f: float | None = None  # last epoch (required; paper: half the training epochs)
+    exponent: int = 3  # Eq. 6's exponent (released DeiT recipe: 4)
+    rounding: str = "paper"  # paper: ceil in Eq. 6 | released: floor, one fewer at every epoch in (t_i, t_f)
+    update_every: str = "epoch"  # epoch (Alg. 1) | step: Eq. 6 at fractional epochs
+    score_init: Any = "paper"  # paper: 1 | released: 1/C(M-1,N-1) | a number
+    score_weight_decay: float | None = None  # None: the optimizer's weight decay (as released)
+    criterion: str = "score"  # Table 6: score | score_inverse | magnitude | gradient
+    removal: str = "paper"  # paper: removal is final (alive set) | released: signed-score top-k every step
+    freeze_scores: bool = True  # after t_f (released ResNet script) | false: keep training them (released DeiT script)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.t_f is not None, "sparsity.t_f", self.t_f,
+                "lbc needs t_f, the epoch by which one candidate is left (the paper uses half the epochs)")
+        require(is_number(self.t_i) and self.t_i >= 0, "sparsity.t_i", self.t_i, "use a number >= 0")
+        require(is_number(self.t_f) and self.t_f >= self.t_i, "sparsity.t_f", self.t_f,
+                f"use a number >= sparsity.t_i={self.t_i}")
+        require(isinstance(self.exponent, int) and not isinstance(self.exponent, bool) and 1 <= self.exponent <= 16,
+                "sparsity.exponent", self.exponent, "use an integer from 1 to 16 (paper: 3; released DeiT: 4)")
+        require(self.rounding in ROUNDINGS, "sparsity.rounding", self.rounding, f"choose from: {', '.join(ROUNDINGS)}")
+        require(self.update_every in ("epoch", "step"), "sparsity.update_every", self.update_every,
+                "choose from: epoch, step")
+        require(self.score_init in ("paper", "released") or is_number(self.score_init), "sparsity.score_init",
+                self.score_init, "use paper (1), released (1/C(M-1,N-1)) or a number")
+        require(self.score_weight_decay is None or is_number(self.score_weight_decay) and self.score_weight_decay >= 0,
+                "sparsity.score_weight_decay", self.score_weight_decay, "use a number >= 0 or null")
+        require(self.criterion in CRITERIA, "sparsity.criterion", self.criterion, f"choose from: {', '.join(CRITERIA)}")
+        require(self.removal in REMOVALS, "sparsity.removal", self.removal, f"choose from: {', '.join(REMOVALS)}")
+        require(self.removal == "paper" or self.criterion == "score", "sparsity.removal", self.removal,
+                f"removal=released re-selects by the learned scores; criterion={self.criterion} needs removal=paper")
+        require(isinstance(self.freeze_scores, bool), "sparsity.freeze_scores", self.freeze_scores, "use true or false")
+        if self.removal == "paper" and self.t_f == 0 and self.criterion != "magnitude":
+            raise ConfigError(
+                f"sparsity.t_i=sparsity.t_f=0 with removal=paper removes all candidates but one before any "
+                f"{'score' if self.criterion != 'gradient' else 'gradient'} is learned: the survivor would be an "
+                f"arbitrary index; use sparsity.removal=released (the scores keep choosing every step) or t_f > 0")
 
 
 class _LBCMask(torch.autograd.Function):
@@ -229,62 +288,26 @@ class LBCParametrization(nn.Module):
             self.grad_accum.zero_()  # the gradient criterion counts the steps since the last removal
 
 
-@METHODS.register("lbc")
+@METHODS.register(options=LBCOptions)
 class LBC(SparsityMethod):
     """Learning Best Combination: learnable candidate scores, gradual removal, exact N:M after t_f."""
 
-    name = "lbc"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        pattern: str | NMPattern = "2:4",
-        t_i: float = 0.0,
-        t_f: float | None = None,
-        exponent: int = 3,
-        rounding: str = "paper",
-        update_every: str = "epoch",
-        score_init: float | str = "paper",
-        score_weight_decay: float | None = None,
-        criterion: str = "score",
-        removal: str = "paper",
-        **common: Any,
-    ) -> None:
-        if t_f is None:
-            raise ConfigError("sparsity.t_f is required for lbc (the paper uses half the training epochs)")
-        if not 0 <= t_i <= t_f:
-            raise ConfigError(f"sparsity.t_i={t_i}, sparsity.t_f={t_f}: need 0 <= t_i <= t_f")
-        if rounding not in ROUNDINGS:
-            raise ConfigError(f"sparsity.rounding={rounding!r}; choose from {', '.join(ROUNDINGS)}")
-        if update_every not in ("epoch", "step"):
-            raise ConfigError(f"sparsity.update_every={update_every!r}; choose from epoch, step")
-        if criterion not in CRITERIA:
-            raise ConfigError(f"sparsity.criterion={criterion!r}; choose from {', '.join(CRITERIA)}")
-        if exponent < 1:
-            raise ConfigError(f"sparsity.exponent={exponent}; need a positive integer (paper: 3)")
-        if removal not in REMOVALS:
-            raise ConfigError(f"sparsity.removal={removal!r}; choose from {', '.join(REMOVALS)}")
-        if removal == "released" and criterion != "score":
-            raise ConfigError(f"sparsity.removal=released re-selects by the learned scores; "
-                              f"criterion={criterion} needs removal=paper")
-        if removal == "paper" and t_f == 0 and criterion != "magnitude":
-            raise ConfigError(
-                f"sparsity.t_i=sparsity.t_f=0 with removal=paper removes all candidates but one before any "
-                f"{'score' if criterion != 'gradient' else 'gradient'} is learned: the survivor would be an "
-                f"arbitrary index; use sparsity.removal=released (the scores keep choosing every step) or t_f > 0")
-        self.t_i, self.t_f, self.exponent = float(t_i), float(t_f), int(exponent)
-        self.rounding, self.update_every, self.criterion = rounding, update_every, criterion
-        self.removal = removal
+    def __init__(self, model: nn.Module, options: LBCOptions, input_size: Sequence[int] | str | None = None) -> None:
+        self.t_i, self.t_f, self.exponent = float(options.t_i), float(options.t_f), options.exponent
+        self.rounding, self.update_every, self.criterion = options.rounding, options.update_every, options.criterion
+        self.removal, self.freeze_scores = options.removal, options.freeze_scores
         # t_i == t_f under released removal: every score keeps learning and choosing (module docstring).
-        self.reselect_all = removal == "released" and self.t_i == self.t_f
-        self.score_weight_decay = score_weight_decay
-        parsed = parse_pattern(pattern)
-        self.score_init = _score_init(score_init, parsed)
+        self.reselect_all = self.removal == "released" and self.t_i == self.t_f
+        # whether the learned scores stop training once one candidate is left (module docstring)
+        self.scores_freeze = self.freeze_scores and not self.reselect_all
+        self.score_weight_decay = options.score_weight_decay
+        pattern = parse_pattern(options.pattern)
+        self.score_init = _score_init(options.score_init, pattern)
         self.removed = 0
-        self._settled = False  # released removal: the final selection is made and the scores are frozen
+        self._settled = False  # released removal: the final selection is made (repeated only if scores train)
         self._frozen_scores: set[int] = set()  # ids of the scores this method turned requires_grad off for
-        self._check_memory(model, parsed)
-        super().__init__(model, parsed, **common)
+        self._check_memory(model, pattern)
+        super().__init__(model, options, input_size)
         self._freeze_if_final()  # scores of the magnitude/gradient criteria never need a gradient
         count = sum(p.numel() for p in self.score_parameters())
         weights = sum(m.weight.numel() for m in self.layers.values())
@@ -332,7 +355,7 @@ class LBC(SparsityMethod):
         """Remove candidates up to the schedule's count at ``epoch`` (Eq. 6, Alg. 1 line 7).
 
         ``paper`` removal rebuilds masks only when the count grows; ``released`` re-selects the
-        alive set by score before every step until the scores freeze.
+        alive set by score before every step until the scores freeze (never, with ``freeze_scores=False``).
         """
         self.check_attached()
         self.epoch = float(epoch)
@@ -352,7 +375,7 @@ class LBC(SparsityMethod):
     def _reselect(self, target: int) -> None:
         """``removal="released"``: re-choose every layer's alive set by score at count ``target``."""
         final = target >= self.pattern.num_candidates - 1
-        if self._settled and final and not self.reselect_all:
+        if self._settled and final and self.scores_freeze:
             return  # frozen scores choose the same candidates at every step
         changed = False
         for state in self._states():
@@ -376,14 +399,15 @@ class LBC(SparsityMethod):
         return not timeline or abs(self.step_cost() - timeline[-1][1]) > tolerance
 
     def _freeze_if_final(self) -> None:
-        # One candidate left: the mask can never change again, so score work is pure waste.
-        # Magnitude and gradient criteria never learn the scores.
+        # One candidate left (t_f): with freeze_scores the scores stop training, as the mask can no
+        # longer change (paper removal) or frozen scores choose the same (released), so score work is
+        # waste. Magnitude and gradient criteria never learn the scores.
         # Only scores this method froze are ever unfrozen: scores someone else froze (mmdet's
         # frozen_stages turns off every parameter of a stage) stay as they were left.
-        final = self.removed >= self.pattern.num_candidates - 1 and not self.reselect_all
-        learned = self.criterion in LEARNED_CRITERIA
+        at_end = self.removed >= self.pattern.num_candidates - 1
+        learning = self.criterion in LEARNED_CRITERIA and not (at_end and self.scores_freeze)
         for scores in self.score_parameters():
-            if learned and not final:
+            if learning:
                 if id(scores) in self._frozen_scores:
                     scores.requires_grad_(True)
                     self._frozen_scores.discard(id(scores))
@@ -393,7 +417,7 @@ class LBC(SparsityMethod):
                     self._frozen_scores.add(id(scores))
                 scores.grad = None
         for state in self._states():
-            state.tracking = state.grad_accum is not None and not final
+            state.tracking = state.grad_accum is not None and not at_end  # no removal is left to choose
 
     def finalize(self) -> None:
         """Raise if the schedule has run out (one candidate per group) but the model is not N:M."""
@@ -413,6 +437,11 @@ class LBC(SparsityMethod):
         self.removed = int(state["removed"])
         self._settled = False  # released removal: re-select once from the restored scores
         self._freeze_if_final()
+
+    @classmethod
+    def carried_state(cls, state: Mapping[str, Any]) -> dict[str, Any]:
+        """``removed``: the source's place on Eq. 6 (after t_f nothing is removed again)."""
+        return {k: state[k] for k in ("removed",) if k in state}
 
     def extra_scalars(self) -> dict[str, float]:
         states = self._states()
@@ -442,14 +471,12 @@ class LBC(SparsityMethod):
 
 
 def _score_init(value: float | str, pattern: NMPattern) -> float:
+    """Every score's start (``LBCOptions.score_init``, checked): paper 1, released 1/C(M-1, N-1), or the number."""
     if value == "paper":
         return 1.0
     if value == "released":
         return 1.0 / math.comb(pattern.m - 1, pattern.n - 1)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"sparsity.score_init={value!r}; use paper (1), released (1/C(M-1,N-1)) or a number") from None
+    return float(value)
 
 
 def _free_memory(device: torch.device) -> int | None:

@@ -22,16 +22,39 @@ mask is N:M from the first step, as in the SR-STE paper.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lbc.errors import ConfigError
+from lbc.errors import is_number, require
 from lbc.sparsity.base import SparsityMethod
 from lbc.sparsity.nm import NMPattern, topn_mask
+from lbc.sparsity.options import SparsityOptions
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.schedule import removed_total
+
+
+@dataclass
+class SRSTEOptions(SparsityOptions):
+    """SR-STE: top-N magnitude mask every forward, dense gradient plus ``lambda_w * (1 - mask) * W``."""
+
+    method: str = "srste"
+    lambda_w: float = 2e-4  # the sparse-refined decay (SR-STE paper: 2e-4)
+    t_i: float | None = None  # gradual schedule (LBC Table 5): kept per group from M to N on Eq. 6 ...
+    t_f: float | None = None  # ... between t_i and t_f; both null: N:M from the first step (SR-STE paper)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require((self.t_i is None) == (self.t_f is None), "sparsity.t_f", self.t_f,
+                f"give both sparsity.t_i and sparsity.t_f for SR-STE's gradual schedule, or neither (t_i={self.t_i})")
+        if self.t_i is not None:
+            require(is_number(self.t_i) and self.t_i >= 0, "sparsity.t_i", self.t_i, "use a number >= 0")
+            require(is_number(self.t_f) and self.t_f >= self.t_i, "sparsity.t_f", self.t_f,
+                    f"use a number >= sparsity.t_i={self.t_i}")
+        require(is_number(self.lambda_w) and self.lambda_w >= 0, "sparsity.lambda_w", self.lambda_w,
+                "use a number >= 0 (paper: 2e-4)")
 
 
 class _SRSTEMask(torch.autograd.Function):
@@ -88,30 +111,18 @@ class SRSTEParametrization(nn.Module):
         return out
 
 
-@METHODS.register("srste")
+@METHODS.register(options=SRSTEOptions)
 class SRSTE(SparsityMethod):
     """Sparse-refined straight-through estimator: exact N:M in every forward, dense backward."""
 
-    name = "srste"
-
     def __init__(
-        self,
-        model: nn.Module,
-        pattern: str | NMPattern = "2:4",
-        lambda_w: float = 2e-4,
-        t_i: float | None = None,
-        t_f: float | None = None,
-        **common: Any,
+        self, model: nn.Module, options: SRSTEOptions, input_size: Sequence[int] | str | None = None
     ) -> None:
-        if not isinstance(lambda_w, (int, float)) or isinstance(lambda_w, bool) or lambda_w < 0:
-            raise ConfigError(f"sparsity.lambda_w={lambda_w!r}; need a non-negative number (paper: 2e-4)")
-        if (t_i is None) != (t_f is None) or t_i is not None and not 0 <= t_i <= t_f:
-            raise ConfigError(f"sparsity.t_i={t_i}, sparsity.t_f={t_f}: give both, with 0 <= t_i <= t_f, or neither")
-        self.lambda_w = float(lambda_w)
-        self.t_i, self.t_f = (None, None) if t_i is None else (float(t_i), float(t_f))
-        self.gradual = t_i is not None
+        self.lambda_w = float(options.lambda_w)
+        self.gradual = options.t_i is not None
+        self.t_i, self.t_f = (float(options.t_i), float(options.t_f)) if self.gradual else (None, None)
         self.kept: int | None = None
-        super().__init__(model, pattern, **common)
+        super().__init__(model, options, input_size)
         if self.gradual:
             self.update(0.0)
 
@@ -144,6 +155,11 @@ class SRSTE(SparsityMethod):
 
     def extra_scalars(self) -> dict[str, float]:
         return {"kept_per_group": float(self.kept)} if self.gradual else {}
+
+    @classmethod
+    def carried_mask(cls, weight: torch.Tensor, mask: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+        """The top-N of the weight: SR-STE's forward uses the current weight's, not the last step's buffer."""
+        return topn_mask(weight, pattern)
 
     def unit_cost(self, density: float) -> float:
         """Sparse forward (``density``) and dense backward (2 units): (d + 2) / 3, paper Table 1's 0.83x for 2:4."""

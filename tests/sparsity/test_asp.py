@@ -250,3 +250,42 @@ def test_resume_after_the_prune_keeps_the_mask(tmp_path):
     assert all(torch.equal(sp.masks()[k], v) for k, v in sp2.masks().items())
     sp2.update(1.5)  # no second prune
     assert all(torch.equal(sp.masks()[k], v) for k, v in sp2.masks().items())
+
+
+# --- the config's default dense phase: 3/5 of schedule.epochs, rounded down --------------------------
+@pytest.mark.parametrize("overrides, epochs, dense", [
+    (["schedule.epochs=6"], 6, 3),
+    (["schedule.epochs=12"], 12, 7),
+    (["schedule.epochs=120"], 120, 72),
+    (["schedule.epochs=200"], 200, 120),  # the paper's 120 dense + 80 fine-tuning
+    (["task=detection"], 6, 3),  # the shapes set's 6-epoch 1x schedule
+    (["task=detection", "schedule.epochs=12"], 12, 7),  # mmdet's 1x: 12 epochs
+])
+def test_default_dense_epochs_follow_the_schedule_rounded_down(overrides, epochs, dense):
+    from lbc.config import validate
+    from lbc.engine.optim import phase_lengths
+    from tests.helpers import compose_config
+
+    typed = validate(compose_config(["sparsity=asp", *overrides]))
+    options, schedule = typed["sparsity"], typed["schedule"]
+    assert schedule.epochs == epochs and options.dense_epochs == dense and type(options.dense_epochs) is int
+    sp = lbc.sparsify(Net(), **{**vars(options), "exclude": []})
+    assert phase_lengths(sp.phases(), epochs) == [dense, epochs - dense]
+
+
+def test_default_dense_epochs_is_accepted_for_every_schedule_length():
+    """floor(3/5 * epochs) is whole and below the epochs, so some fine-tuning is always left (round half up
+    would give 1 of 1 epoch: no fine-tuning, refused)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    import lbc.config  # noqa: F401  (registers the resolvers)
+    from lbc.engine.optim import phase_lengths
+    from tests.helpers import CONFIGS
+
+    expression = yaml.safe_load((CONFIGS / "sparsity" / "asp.yaml").read_text())["dense_epochs"]
+    assert expression.startswith("${floor:")
+    for epochs in range(1, 401):
+        dense = OmegaConf.create({"schedule": {"epochs": epochs}, "dense_epochs": expression}).dense_epochs
+        assert type(dense) is int and dense == 3 * epochs // 5, epochs
+        phase_lengths([("dense", dense), ("finetune", None)], epochs)  # raises if nothing is left to fine-tune

@@ -126,3 +126,45 @@ def test_detach_bakes_the_mask_into_plain_weights(method):
     assert set(model.state_dict()) == set(Net().state_dict())
     torch.testing.assert_close(model(x), before)
     assert is_nm(model.conv.weight, sp.pattern) and is_nm(model.hidden.weight, sp.pattern)
+
+
+# What each method carries into another model with its masks (a classification checkpoint into a detector's
+# backbone, lbc/detection/backbone.py): its place on the schedule, nothing else; a new method adds itself here.
+CARRIED = {"dense": set(), "lbc": {"removed"}, "srste": set(), "asp": {"pruned"}}
+
+
+def test_every_registered_method_says_what_it_carries():
+    assert set(CARRIED) == set(METHODS.names())
+
+
+@pytest.mark.parametrize("method", sorted(CARRIED))
+def test_carry_in_takes_the_schedule_place_and_keeps_the_masks(method):
+    model, sp = _build(method)
+    _steps(model, sp)  # the source at its final state (LBC after t_f, ASP pruned)
+    state = sp.state_dict()
+    assert set(type(sp).carried_state(state)) == CARRIED[method]
+    target_model, target = _build(method, seed=1)  # a fresh method at epoch 0
+    target_model.load_state_dict(model.state_dict())  # the masks (and LBC's scores) as load_backbone loads them
+    carried = target.carry_in(state)
+    assert carried == {k: state[k] for k in CARRIED[method]}
+    assert all(target.state_dict()[k] == v for k, v in carried.items())
+    assert target.epoch == 0.0  # the target's own epoch and cost timeline ...
+    assert target.flops.timeline[-1] == (0.0, target.step_cost())  # ... which notes the masks it now has
+    masks = {k: v.clone() for k, v in sp.masks().items()}
+    for epoch in (0, 1, FINAL_EPOCH, 10):  # nothing is removed or pruned again
+        target.update(epoch)
+        assert target.masks().keys() == masks.keys() and all(torch.equal(target.masks()[k], v) for k, v in masks.items())
+    assert target.carry_in(None) == {}  # masks kept, the schedule starts fresh: only the cost is noted
+
+
+def test_carried_mask_is_the_buffer_except_for_srste():
+    """SR-STE's forward takes the top-N of the current weight, so another model starts from that, not from the
+    mask buffer of the last training step; the others' masks are their buffers."""
+    from lbc.sparsity.nm import NMPattern, topn_mask
+
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    stale = torch.ones(8, 16, dtype=torch.bool)
+    pattern = NMPattern(2, 4)
+    for method in METHODS.names():
+        got = METHODS.get(method).carried_mask(weight, stale, pattern)
+        assert torch.equal(got, topn_mask(weight, pattern) if method == "srste" else stale), method

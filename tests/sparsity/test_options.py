@@ -1,13 +1,28 @@
-"""``lbc.sparsify`` checks its keywords against each method's options dataclass, as the config does."""
+"""``lbc.sparsify`` checks its keywords against each method's options dataclass, as the config does; a
+method is declared once (``@METHODS.register(options=...)``) and its constructor takes the checked object."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
+import torch
 from torch import nn
 
 import lbc
 from lbc.errors import ConfigError
-from lbc.sparsity.options import OPTIONS, check_options, option_names
+from lbc.sparsity import METHODS, SparsityMethod, SparsityOptions
+from lbc.sparsity.lbc import LBCOptions
+from lbc.sparsity.options import check_options
+
+
+def plain() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1))
+
+
+def option_names(method: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(METHODS.get(method).Options)]
 
 
 def model() -> nn.Module:
@@ -56,12 +71,88 @@ def test_a_string_exclude_is_one_glob():
     assert sorted(sp.layers) == ["0"]
 
 
-def test_defaults_are_filled_in_and_method_is_not_passed_on():
-    checked = check_options("lbc", {"t_f": 10})
-    assert checked["t_i"] == 0.0 and checked["exponent"] == 3 and checked["rounding"] == "paper"
-    assert "method" not in checked and set(checked) == set(option_names("lbc")) - {"method"}
+def test_defaults_are_filled_in_and_the_constructor_gets_the_checked_object():
+    checked = check_options(LBCOptions, "lbc", {"t_f": 10})
+    assert isinstance(checked, LBCOptions) and checked.method == "lbc"
+    assert checked.t_i == 0.0 and checked.exponent == 3 and checked.rounding == "paper" and checked.freeze_scores
+    sp = lbc.sparsify(plain(), method="lbc", t_f=10)
+    assert sp.options == checked
 
 
-@pytest.mark.parametrize("method", sorted(OPTIONS))
-def test_every_registered_method_has_options(method):
-    assert method in lbc.METHODS and option_names(method)[0] == "method"
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_registered_method_is_declared_once(method):
+    """The name is the options dataclass's ``method`` default; the class's ``name`` and the config schema follow it."""
+    cls = METHODS.get(method)
+    assert option_names(method)[0] == "method" and cls.Options.__dataclass_fields__["method"].default == method
+    assert cls.name == method and "    name = " not in inspect.getsource(cls)  # set by the registration only
+    assert METHODS.schemas()[method] is cls.Options
+    params = list(inspect.signature(cls.__init__).parameters)
+    assert params == ["self", "model", "options", "input_size"]  # the checked object, no keyword copies
+
+
+def test_the_config_schemas_are_the_registry_s():
+    from lbc.config.schema import SCHEMAS
+
+    assert SCHEMAS["sparsity"] == METHODS.schemas()
+    assert sorted(SCHEMAS["sparsity"]) == ["asp", "dense", "lbc", "srste"]
+
+
+def test_each_rule_is_checked_once_in_the_options():
+    """The constructor checks nothing: a value the options refuse is refused before a method is built, and the
+    LBC exponent's range (1..16) is the options' one rule."""
+    with pytest.raises(ConfigError, match=r"sparsity.exponent=17 is not allowed; use an integer from 1 to 16"):
+        lbc.sparsify(plain(), method="lbc", t_f=4, exponent=17)
+    assert lbc.sparsify(plain(), method="lbc", t_f=4, exponent=16).exponent == 16
+    with pytest.raises(ConfigError, match=r"^sparsity.rounding='up' is not allowed; choose from: paper, released$"):
+        LBCOptions(t_f=4, rounding="up")
+    with pytest.raises(ConfigError, match="removal=released"):  # t_i = t_f = 0 (paper removal): an options rule too
+        LBCOptions(t_i=0, t_f=0)
+
+
+def test_register_needs_options_or_a_name():
+    with pytest.raises(TypeError, match="METHODS.register"):
+        METHODS.register()
+    with pytest.raises(TypeError, match="METHODS.register"):
+        METHODS.register("x", options=LBCOptions)
+    with pytest.raises(KeyError, match="already registered"):
+        METHODS.register(options=LBCOptions)(type("Again", (SparsityMethod,), {}))
+
+
+class _Halve(nn.Module):
+    """A user's parametrisation: keep the first half of every group of M (a fixed N:M mask)."""
+
+    def __init__(self, weight: torch.Tensor, m: int) -> None:
+        super().__init__()
+        keep = torch.arange(weight.shape[1]) % m < m // 2
+        self.register_buffer("mask", keep.expand_as(weight[:, :, 0, 0] if weight.dim() == 4 else weight).clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = self.mask if weight.dim() == 2 else self.mask[:, :, None, None]
+        return weight * mask
+
+
+@pytest.fixture
+def user_method():
+    """A method a user registers by name, without an options dataclass: it takes the common options."""
+
+    @METHODS.register("halve")
+    class Halve(SparsityMethod):
+        def parametrization(self, name, module):
+            return _Halve(module.weight, self.pattern.m)
+
+    try:
+        yield Halve
+    finally:
+        METHODS._entries.pop("halve")
+
+
+def test_a_method_registered_without_options_takes_the_common_ones(user_method):
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    sp = lbc.sparsify(net, method="halve", pattern="2:4", exclude=["0"])
+    assert isinstance(sp, user_method) and sp.name == "halve" and sp.Options is SparsityOptions
+    assert sp.options == SparsityOptions(method="halve", pattern="2:4", exclude=["0"])
+    assert sorted(sp.layers) == ["1", "2"] and sp.is_exact_nm()
+    with pytest.raises(ConfigError, match=r"sparsity.t_f is not an option of method 'halve'; "
+                                          r"allowed: exclude, pattern, strict"):
+        lbc.sparsify(nn.Linear(8, 4), method="halve", t_f=2)
+    assert "halve" not in METHODS.schemas()  # no dataclass of its own: no config schema

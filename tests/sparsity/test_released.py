@@ -273,3 +273,132 @@ def test_released_removal_resumes_exactly():
     assert torch.equal(straight_model.state_dict()["weight"], resumed_model.state_dict()["weight"])
     assert straight.removed == resumed.removed == PATTERN.num_candidates - 1
     assert to_groups(_state(straight).mask, 4).sum(1).eq(2).all()
+
+
+# --- freeze_scores: the scores after t_f (ResNet script: frozen; DeiT script: they keep training) --------
+def _deit_step(model, opt, x, y):
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def test_unfrozen_released_scores_match_the_authors_deit_algorithm_and_survivors_change():
+    """freeze_scores=False with removal=released is the DeiT script: after t_f the selection (k = C - 1) runs
+    before every step and AdamW keeps updating and decaying every score, so a group's survivor can change."""
+    torch.manual_seed(0)
+    features, outputs, epochs, steps, t_f = 32, 8, 10, 6, 4
+    x, y = torch.randn(64, features), torch.randn(64, outputs)
+    layer = nn.Linear(features, outputs)
+    sp = lbc.sparsify(layer, method="lbc", pattern="2:4", exclude=[], t_i=0, t_f=t_f, removal="released",
+                      rounding="released", score_init="released", freeze_scores=False)
+    state = _state(sp)
+    state.scores.data.add_(torch.randn_like(state.scores) * 0.05)
+    ref = _ReleasedReference(layer.parametrizations.weight.original.detach(),
+                             layer.bias.detach(), state.scores.detach(), PATTERN)
+
+    def optimizer(weight, bias, scores):
+        return torch.optim.AdamW([{"params": [weight, bias]}, {"params": [scores]}], lr=0.05, weight_decay=0.05)
+
+    ours = optimizer(layer.parametrizations.weight.original, layer.bias, state.scores)
+    theirs = optimizer(ref.weight, ref.bias, ref.alpha)
+    changed_after_t_f, previous = 0, None
+    for epoch in range(epochs):
+        ref.k = PATTERN.num_candidates - 1 if epoch >= t_f else _released_k(epoch, 0, t_f, PATTERN.num_candidates)
+        for i in range(steps):
+            sp.update(epoch + i / steps)
+            ref.select()
+            assert torch.equal(state.alive, ref.alive()), f"epoch {epoch} step {i}"
+            torch.testing.assert_close(state.scores.detach(), ref.alpha.detach(), rtol=0, atol=1e-5)
+            assert state.scores.requires_grad  # never frozen
+            if epoch >= t_f:
+                assert is_exactly_nm(state.mask, PATTERN)
+                changed_after_t_f += int((state.alive != previous).any(dim=1).sum())
+            previous = state.alive.clone()
+            for model, opt in ((layer, ours), (ref, theirs)):
+                _deit_step(model, opt, x, y)
+    assert changed_after_t_f > 0, "the example must show a survivor changing after t_f"
+    sp.finalize()
+
+
+def _train_after_t_f(freeze_scores: bool, removal: str):
+    torch.manual_seed(3)
+    layer = nn.Linear(16, 8)
+    sp = lbc.sparsify(layer, method="lbc", pattern="2:4", exclude=[], t_i=0, t_f=2, removal=removal,
+                      freeze_scores=freeze_scores)
+    state = _state(sp)
+    opt = torch.optim.AdamW([{"params": [layer.parametrizations.weight.original, layer.bias]}]
+                            + sp.param_groups(0.05), lr=0.05, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(4)
+    record = []
+    for step in range(6 * 4):
+        sp.update(step / 4)
+        x = torch.randn(8, 16, generator=gen)
+        _deit_step(layer, opt, x, torch.randn(8, 8, generator=gen))
+        final = sp.removed == PATTERN.num_candidates - 1  # one candidate left (here from epoch 1 on)
+        record.append((final, state.mask.clone(), state.scores.detach().clone(),
+                       layer.parametrizations.weight.original.detach().clone(), state.scores.requires_grad))
+    assert sum(r[0] for r in record) >= 12, "the example must train on after the last removal"
+    return sp, record
+
+
+@pytest.mark.parametrize("removal", ["paper", "released"])
+def test_frozen_scores_stop_at_t_f_and_the_mask_with_them(removal):
+    sp, record = _train_after_t_f(True, removal)
+    after = [r for r in record if r[0]]
+    assert not any(r[4] for r in after)  # frozen once one candidate is left
+    assert all(r[4] for r in record if not r[0])
+    for _, mask, scores, _, _ in after:
+        assert torch.equal(mask, after[0][1]) and torch.equal(scores, after[0][2])  # neither moves again
+    sp.finalize()
+
+
+def test_unfrozen_scores_with_paper_removal_train_on_and_the_model_is_the_same():
+    """Paper removal is final: scores that keep training after t_f (AdamW updates and decays them) change
+    nothing but themselves; masks and weights are those of the frozen run, bit for bit."""
+    _, frozen = _train_after_t_f(True, "paper")
+    sp, unfrozen = _train_after_t_f(False, "paper")
+    for f, u in zip(frozen, unfrozen, strict=True):
+        assert torch.equal(f[1], u[1]) and torch.equal(f[3], u[3])  # masks and weights
+    after = [r for r in unfrozen if r[0]]
+    assert all(r[4] for r in after)  # still training
+    assert not torch.equal(after[0][2], after[-1][2])  # and the scores moved
+    assert all(torch.equal(r[1], after[0][1]) for r in after)  # the mask did not
+    sp.finalize()
+
+
+def test_unfrozen_released_survivor_follows_the_scores_after_t_f():
+    """removal=released, freeze_scores=False: after t_f the alive candidate is re-chosen by score before every
+    step (top-1, the others zeroed); with frozen scores the final choice stands."""
+    for freeze in (True, False):
+        sp = lbc.sparsify(nn.Linear(4, 1, bias=False), method="lbc", pattern="2:4", exclude=[], t_i=0, t_f=4,
+                          removal="released", freeze_scores=freeze)
+        state = _state(sp)
+        state.scores.data.copy_(torch.tensor([[0.2, 0.05, 0.1, -0.1, 0.3, 0.15]]))
+        sp.update(4.0)
+        assert state.alive.tolist() == [[False, False, False, False, True, False]]  # (1,3), the best
+        assert state.scores.requires_grad is not freeze
+        state.scores.data.copy_(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.1, 0.0]]))
+        state.scores.data[0, 2] = 0.4  # momentum moved a zeroed score above the survivor
+        sp.update(4.5)
+        expected = [False, False, True, False, False, False] if not freeze else [False, False, False, False, True, False]
+        assert state.alive.tolist() == [expected]
+        assert is_exactly_nm(state.mask, PATTERN)
+
+
+def test_the_deit_presets_released_recipe_composes_with_unfrozen_scores():
+    """What the DeiT row's header says runs the released DeiT script's LBC: it composes and attaches."""
+    from lbc.config import validate
+    from tests.helpers import compose_config
+
+    overrides = ["sparsity.exponent=4", "sparsity.t_f=200", "sparsity.freeze_scores=false", "sparsity.removal=released"]
+    typed = validate(compose_config(["experiment=table1/deit_small_lbc_2x4", "data.root=/data", "run_dir=/tmp/x",
+                                     *overrides]))
+    options = typed["sparsity"]
+    assert (options.exponent, options.t_f, options.freeze_scores, options.removal) == (4, 200, False, "released")
+    assert validate(compose_config(["experiment=table1/deit_small_lbc_2x4", "data.root=/data",
+                                    "run_dir=/tmp/x"]))["sparsity"].freeze_scores is True  # the default: unchanged
+    sp = lbc.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), **{**vars(options), "exclude": []})
+    sp.update(250)
+    assert sp.scores_freeze is False and all(s.requires_grad for s in sp.score_parameters())
+    with pytest.raises(ConfigError, match="sparsity.freeze_scores"):
+        lbc.sparsify(nn.Linear(8, 4), method="lbc", t_f=2, freeze_scores="no")

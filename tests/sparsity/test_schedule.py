@@ -18,11 +18,28 @@ def test_paper_counts(candidates):
     assert [removed_total(t, 0, 10, candidates) for t in range(11)] == PAPER[candidates]
 
 
-def test_released_rounding_removes_one_fewer_at_some_epochs():
+def test_released_rounding_removes_one_fewer_at_every_epoch_between():
     # (C-1) - ceil((C-1) * (1 - t/10)^3) for C = 6, by hand.
     released = [removed_total(t, 0, 10, 6, rounding="released") for t in range(11)]
     assert released == [0, 1, 2, 3, 3, 4, 4, 4, 4, 4, 5]
     assert all(0 <= p - r <= 1 for p, r in zip(PAPER[6], released, strict=True))
+    assert [p - r for p, r in zip(PAPER[6], released, strict=True)] == [0] + [1] * 9 + [0]
+
+
+@pytest.mark.parametrize("candidates", [6, 4, 28, 16, 70, 120])  # 2:4, 1:4, 2:8, 1:16, 4:8, 2:16
+@pytest.mark.parametrize("exponent", [3, 4])
+@pytest.mark.parametrize("t_i, t_f", [(0, 60), (30, 60), (0, 150), (0, 200)])
+def test_released_rounding_count_of_epochs_with_one_fewer(candidates, exponent, t_i, t_f):
+    """Every whole epoch strictly between t_i and t_f, none outside (59 of 59 at t_i = 0, t_f = 60), even
+    where the exact value is whole (2:8 at epoch 20 of 60: 27 * (2/3)^3 = 8, a hair more in floats)."""
+    fewer = [t for t in range(t_f + 5)
+             if removed_total(t, t_i, t_f, candidates, exponent) - removed_total(t, t_i, t_f, candidates, exponent,
+                                                                                 rounding="released") == 1]
+    same = [t for t in range(t_f + 5)
+            if removed_total(t, t_i, t_f, candidates, exponent)
+            == removed_total(t, t_i, t_f, candidates, exponent, rounding="released")]
+    assert fewer == list(range(t_i + 1, t_f)) and len(fewer) == t_f - t_i - 1
+    assert same == [*range(t_i + 1), *range(t_f, t_f + 5)]
 
 
 def test_before_t_i_and_after_t_f():

@@ -84,7 +84,8 @@ def test_select_layers_is_pure_and_matches_the_method(method):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed
     assert selection.exclude == ["conv1", "fc"]
     options = {"t_f": 2} if method == "lbc" else {}
-    sp = METHODS.get(method)(model, pattern="2:8", **options)
+    cls = METHODS.get(method)
+    sp = cls(model, cls.Options(method=method, pattern="2:8", **options))  # the constructor, given checked options
     assert list(sp.layers) == list(selection.layers)
     assert all(sp.layers[n] is m for n, m in selection.layers.items())
     assert sp.dense_reasons == selection.dense_reasons

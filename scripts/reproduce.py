@@ -15,9 +15,11 @@ else one node with every visible GPU. ``--launcher slurm`` submits the runs as o
 Hydra's submitit launcher (the ``slurm`` extra); each job runs the same torchrun command on its nodes.
 ``--launcher local`` runs one process per run (in this process for classification rows).
 
-Small scale (:func:`small_rows`) runs every row of the table on this CPU with the embedded digits
-data and ``resnet_small`` (Tables 2 and 3: small detectors on the generated shapes set), a few
-epochs, several seeds, one run at a time, in this process where it can (no start-up per run).
+Small scale runs every row of the table on this CPU, each a preset too (``experiment=small/<table>/<row>``,
+listed under ``small`` in ``scripts/paper_tables.yaml``): the embedded digits data and ``resnet_small``
+(Tables 2 and 3: small detectors on the generated shapes set), a few epochs, several seeds, one run at
+a time, in this process where it can (no start-up per run). ``--epochs N`` runs each row's schedule
+at N epochs (:func:`epochs_overrides`).
 
 Each run writes to ``<out>/<table>/<scale>/<row>/seed<k>/``, where ``row.json`` (what the run stands
 for: table, row, preset, seed, overrides, the paper row it is compared with) is written before it
@@ -54,31 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER_TABLES = ROOT / "scripts" / "paper_tables.yaml"
 EXPERIMENTS = ROOT / "lbc" / "configs" / "experiment"
 TABLES = ("table1", "table2", "table3", "table4", "table5", "table6")
-PAPER_EPOCHS = 120  # the ResNets' schedule in the paper; Table 5's t_i, t_f are in these epochs
-
-# --- small scale: what one row is made of -------------------------------------------------------
-# Classification rows: resnet_small on digits at 16x16 (the digits are 8x8; 32x32 costs 3x the time
-# for the same accuracy), 12 epochs with LBC's t_f at half of them (the paper: t_f = 60 of 120).
-# Measured on this 2-core CPU (2026-11-26, load about 2): a run takes 5-15 s; Table 1 (10 rows x 3
-# seeds) 5 min 50 s, Table 5 (8 x 3) 4 min 30 s. Digits is easy: every row ends at 98-100% top-1,
-# so the top-1 differences between rows are inside the seed-to-seed spread; the training FLOPs are not.
-SMALL_EPOCHS = 12
-SMALL_BASE = ["model=resnet_small", "data=digits", "data.image_size=16", "trainer.progress=false"]
-# Detection rows (Tables 2, 3): R18-FPN detectors on 128 generated 64 px images, AdamW 1e-3 from
-# scratch (the setting tests/detection/test_plugin.py found to learn the shapes clearly in a few epochs),
-# 6 epochs: Faster R-CNN LBC 2:4 reached bbox mAP 0.108 in 61 s, Mask R-CNN 0.074 / segm 0.099 in 97 s.
-SMALL_DET_EPOCHS = 6
-SMALL_DET_BASE = ["task=detection", "data=coco_shapes", "data.train_images=128", "data.val_images=48",
-                  "data.image_size=64", "data.batch_size=4", "optim=adamw", "optim.lr=1e-3",
-                  "optim.weight_decay=0.05", "schedule.warmup_iters=20", "trainer.progress=false"]
-DET_MODELS = {"table2": ("faster_rcnn_r18_fpn_shapes", "faster_rcnn_r50_fpn"),
-              "table3": ("mask_rcnn_r18_fpn_shapes", "mask_rcnn_r50_fpn")}  # (small model, paper row prefix)
-# Table 5 at the paper's 1:4, so that its top-1 and FLOPs (Train) stand beside ours: at 12 epochs
-# 1:8 and 1:16 separate the schedules no better (every row 97.5-100% top-1 with either).
-TABLE5_PATTERN = "1:4"
-TABLE5_SCHEDULES = ((0, 0), (0, 30), (0, 60), (30, 60))  # the paper's (t_i, t_f), in its 120 epochs
-TABLE6_PATTERN = "2:4"
-CRITERIA = ("magnitude", "gradient", "score_inverse", "score")
+DETECTION_TABLES = ("table2", "table3")
+SWEEP_ENV = "LBC_REPRODUCE_SLURM_SWEEP"  # set in the child that runs the SLURM sweep (see submit_slurm)
 
 
 class UsageError(Exception):
@@ -92,7 +71,7 @@ class Row:
     id: str
     overrides: list[str]
     preset: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)  # paper_row, method, pattern, t_i, t_f, criterion
+    info: dict[str, Any] = field(default_factory=dict)  # paper_row, method, pattern, criterion (+ full: t_i, t_f)
     detection: bool = False
 
 
@@ -119,7 +98,7 @@ class Run:
         return [*self.overrides, f"run_dir={self.run_dir}"]
 
 
-# --- the paper's rows (full scale) ----------------------------------------------------------------
+# --- the rows: presets, listed in scripts/paper_tables.yaml ---------------------------------------
 
 
 def paper_tables(path: Path = PAPER_TABLES) -> dict[str, Any]:
@@ -139,114 +118,39 @@ def full_rows(table: str, tables: Mapping[str, Any]) -> list[Row]:
             continue
         info = {"paper_row": r["id"], **{k: r.get(k) for k in ("method", "pattern", "t_i", "t_f", "criterion")}}
         rows.append(Row(r["id"], [f"experiment={r['preset']}"], preset=r["preset"], info=info,
-                        detection=table in DET_MODELS))
+                        detection=table in DETECTION_TABLES))
     return rows
-
-
-# --- small scale ------------------------------------------------------------------------------------
-
-
-def _num(x: float) -> str:
-    """An epoch count as Hydra should read it: ``3`` for a whole number, else ``1.5``."""
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def _pid(pattern: str) -> str:
-    return pattern.replace(":", "x")
-
-
-def _paper_row(tables: Mapping[str, Any], table: str, row_id: str, method: str, pattern: str | None) -> str | None:
-    """``row_id`` if the paper's table has it with the same method and pattern, else None (no paper value)."""
-    for r in tables.get(table, {}).get("rows", []):
-        if r["id"] == row_id and r.get("method") == method and r.get("pattern") == pattern:
-            return row_id
-    return None
-
-
-def _method(method: str, pattern: str | None = None, **options: Any) -> list[str]:
-    """``sparsity=<method>`` and its options as overrides (None values left out)."""
-    out = [f"sparsity={method}"] + ([f"sparsity.pattern={pattern}"] if pattern else [])
-    for key, value in options.items():
-        if value is not None:
-            out.append(f"sparsity.{key}={_num(value) if isinstance(value, (int, float)) else value}")
-    return out
 
 
 def small_rows(table: str, tables: Mapping[str, Any], epochs: int | None = None) -> list[Row]:
-    """The table's rows at small scale, each standing for the paper row of the same method and pattern.
-
-    Classification: ``epochs`` (default SMALL_EPOCHS), LBC's t_f at half of them, ASP ``epochs`` dense
-    plus 2/3 of that fine-tuning (the paper's 120 + 80), Table 5's (t_i, t_f) scaled from 120 epochs.
-    Detection (Tables 2, 3): ``epochs`` (default SMALL_DET_EPOCHS) on the shapes set.
-    """
-    if table in DET_MODELS:
-        return _small_detection_rows(table, tables, epochs or SMALL_DET_EPOCHS)
-    e = epochs or SMALL_EPOCHS
-    half = e / 2
-
-    def row(row_id: str, method: str, pattern: str | None, paper_id: str | None, extra: list[str],
-            epochs: int = e, **info: Any) -> Row:
-        paper = _paper_row(tables, table, paper_id, method, pattern) if paper_id else None
-        warmup = [] if epochs > 1 else ["schedule.warmup_epochs=0"]  # the cosine schedule's 1 warm-up epoch
-        return Row(row_id, [*SMALL_BASE, f"schedule.epochs={epochs}", *warmup, *extra],
-                   info={"paper_row": paper, "method": method, "pattern": pattern, "t_i": None, "t_f": None,
-                         "criterion": None, **info})
-
-    def dense() -> Row:
-        return row("dense", "dense", None, "resnet50_dense", _method("dense"))
-
-    def srste(p: str, paper: str | None = None) -> Row:
-        return row(f"srste_{_pid(p)}", "srste", p, paper or f"resnet50_srste_{_pid(p)}", _method("srste", p))
-
-    def lbc(p: str, t_i: float = 0, t_f: float = half, criterion: str = "score", removal: str | None = None,
-            suffix: str = "", paper: str | None = None) -> Row:
-        rid = f"lbc_{_pid(p)}{suffix}"
-        return row(rid, "lbc", p, paper or f"resnet50_{rid}",
-                   _method("lbc", p, t_i=t_i, t_f=t_f, criterion=criterion, removal=removal),
-                   t_i=t_i, t_f=t_f, criterion=criterion, **({"removal": removal} if removal else {}))
-
-    if table == "table1":
-        fine_tune = round(e * 2 / 3)  # the paper's ASP: 120 dense + 80 fine-tuning epochs
-        asp = row("asp_2x4", "asp", "2:4", "resnet50_asp_2x4",
-                  _method("asp", "2:4", dense_epochs=e), epochs=e + fine_tune)
-        rows = [dense(), asp]
-        for p in ("2:4", "1:4", "1:8", "1:16"):
-            rows += [srste(p), lbc(p)]
-        return rows
-    if table == "table4":
-        return [dense(), srste("1:16"), lbc("1:16")]
-    if table == "table5":
-        rows = []
-        for ti, tf in TABLE5_SCHEDULES:
-            s_ti, s_tf = ti * e / PAPER_EPOCHS, tf * e / PAPER_EPOCHS
-            suffix = f"_ti{ti}_tf{tf}"
-            paper = f"resnet50_{{}}_{_pid(TABLE5_PATTERN)}{suffix}"
-            st = row(f"srste_{_pid(TABLE5_PATTERN)}{suffix}", "srste", TABLE5_PATTERN, paper.format("srste"),
-                     _method("srste", TABLE5_PATTERN, t_i=s_ti, t_f=s_tf), t_i=s_ti, t_f=s_tf)
-            # t_i = t_f: the released code's selection (signed-score top-k every step), as the preset does
-            removal = "released" if s_ti == s_tf else None
-            rows += [st, lbc(TABLE5_PATTERN, s_ti, s_tf, removal=removal, suffix=suffix, paper=paper.format("lbc"))]
-        return rows
-    if table == "table6":
-        p = _pid(TABLE6_PATTERN)
-        return [dense()] + [lbc(TABLE6_PATTERN, criterion=c, suffix=f"_{c}", paper=f"resnet50_lbc_{p}_{c}")
-                            for c in CRITERIA]
-    raise UsageError(f"--table {table} has no small-scale rows")
-
-
-def _small_detection_rows(table: str, tables: Mapping[str, Any], e: int) -> list[Row]:
-    model, prefix = DET_MODELS[table]
-    milestones = sorted({m for m in (round(e * 2 / 3), e - 1) if 0 < m < e})  # mmdet 1x: 8 and 11 of 12
-    base = [*SMALL_DET_BASE, f"model={model}", f"schedule.epochs={e}",
-            f"schedule.milestones=[{','.join(map(str, milestones))}]"]
+    """The table's small-scale rows (its ``small`` list), each its preset ``small/<table>/<row>`` and,
+    with ``epochs``, that row's schedule at ``epochs`` epochs."""
     rows = []
-    for method, pattern in (("dense", None), ("srste", "2:4"), ("lbc", "2:4"), ("srste", "2:8"), ("lbc", "2:8")):
-        rid = "dense" if pattern is None else f"{method}_{_pid(pattern)}"
-        t_f = e / 2 if method == "lbc" else None
-        info = {"paper_row": _paper_row(tables, table, f"{prefix}_{rid}", method, pattern), "method": method,
-                "pattern": pattern, "t_i": 0 if t_f is not None else None, "t_f": t_f, "criterion": None}
-        rows.append(Row(rid, [*base, *_method(method, pattern, t_i=info["t_i"], t_f=t_f)], info=info, detection=True))
+    for r in tables[table].get("small") or []:
+        detection = table in DETECTION_TABLES
+        schedule = epochs_overrides(r["method"], detection, epochs) if epochs else []
+        info = {k: r.get(k) for k in ("paper_row", "method", "pattern", "criterion")}
+        rows.append(Row(r["id"], [f"experiment={r['preset']}", *schedule], preset=r["preset"], info=info,
+                        detection=detection))
+    if not rows:
+        raise UsageError(f"--table {table} has no small-scale rows")
     return rows
+
+
+def epochs_overrides(method: str, detection: bool, epochs: int) -> list[str]:
+    """A small-scale row at ``epochs`` epochs instead of its preset's 12 (detection 6).
+
+    What the presets derive from ``schedule.epochs`` (LBC's t_f at half of them, Table 5's (t_i, t_f)
+    of the paper's 120 epochs) follows by itself; this sets the rest: ASP trains ``epochs`` dense and
+    2/3 of that masked (the paper's 120 + 80), detection steps its lr near 2/3 and at the end (mmdet's
+    1x: 8 and 11 of 12), and a run of one epoch has no warm-up.
+    """
+    if detection:
+        milestones = sorted({m for m in (round(epochs * 2 / 3), epochs - 1) if 0 < m < epochs})
+        return [f"schedule.epochs={epochs}", f"schedule.milestones=[{','.join(map(str, milestones))}]"]
+    if method == "asp":
+        return [f"schedule.epochs={epochs + round(epochs * 2 / 3)}", f"sparsity.dense_epochs={epochs}"]
+    return [f"schedule.epochs={epochs}", *(["schedule.warmup_epochs=0"] if epochs == 1 else [])]
 
 
 def max_steps_overrides(steps: int, detection: bool) -> list[str]:
@@ -260,24 +164,18 @@ def max_steps_overrides(steps: int, detection: bool) -> list[str]:
 # --- where runs stand -------------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's metrics.jsonl records (lines that do not parse are left out)."""
-    path = run_dir / "metrics.jsonl"
-    records = []
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    records.append(record)
-    return records
-
-
 def run_state(run_dir: Path) -> tuple[str, int]:
     """(``new`` | ``partial`` | ``finished``, epochs done): finished when metrics.jsonl has reached the
-    ``schedule.epochs`` of the run's own config.yaml (what the trainer wrote when it started)."""
-    records = read_metrics(run_dir)
-    done = max((int(r["epoch"]) for r in records if isinstance(r.get("epoch"), (int, float))), default=0)
+    ``schedule.epochs`` of the run's own config.yaml (what the trainer wrote when it started). A record
+    that does not read (a line torn by a kill) is partial: the resume drops it."""
+    done = 0
+    if (run_dir / "metrics.jsonl").is_file():  # lbc's reader imports torch: not for a run with no record yet
+        from lbc.run.records import MetricsError, read_metrics
+
+        try:
+            done = max((r["epoch"] for r in read_metrics(run_dir)), default=0)
+        except MetricsError:
+            return "partial", 0
     epochs = None
     with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         epochs = int(yaml.safe_load((run_dir / "config.yaml").read_text())["schedule"]["epochs"])
@@ -289,18 +187,17 @@ def run_state(run_dir: Path) -> tuple[str, int]:
 
 def summary(run_dir: Path) -> str:
     """The run's final figures from its last metrics.jsonl record (top-1 or mAP, density)."""
-    records = read_metrics(run_dir)
-    if not records:
-        return "no metrics"
-    last, parts = records[-1], []
-    for key, label, scale in (("top1", "top-1", 1.0), ("coco/bbox_mAP", "bbox mAP", 100.0),
-                              ("coco/segm_mAP", "segm mAP", 100.0)):
-        if isinstance(last.get(key), (int, float)):
-            parts.append(f"{label} {last[key] * scale:.2f}")
-    for key in ("sparsity/density", "density"):
-        if isinstance(last.get(key), (int, float)):
-            parts.append(f"density {last[key]:.3f}")
-            break
+    from lbc.run.records import MetricsError, last_metrics
+
+    try:
+        last = last_metrics(run_dir)
+    except MetricsError as e:
+        return str(e)
+    parts = [f"{label} {last[key] * scale:.2f}" for key, label, scale in
+             (("top1", "top-1", 1.0), ("coco/bbox_mAP", "bbox mAP", 100.0), ("coco/segm_mAP", "segm mAP", 100.0))
+             if isinstance(last.get(key), (int, float))]
+    if isinstance(last.get("sparsity/density"), (int, float)):
+        parts.append(f"density {last['sparsity/density']:.3f}")
     return ", ".join(parts) or "no metrics"
 
 
@@ -353,7 +250,7 @@ def torchrun_args(env: Mapping[str, str]) -> list[str]:
     nnodes = _int_env(env, "NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
     if nnodes == 1 and not env.get("MASTER_ADDR"):
         return ["--standalone", f"--nproc_per_node={nproc}"]
-    node_rank = env.get("NODE_RANK") or env.get("SLURM_NODEID") or "0"
+    rank = env.get("NODE_RANK") or env.get("SLURM_NODEID") or "0"  # as given: the dry run shows $SLURM_NODEID
     addr = env.get("MASTER_ADDR") or (first_host(env["SLURM_JOB_NODELIST"]) if env.get("SLURM_JOB_NODELIST") else "")
     if not addr:
         raise UsageError(f"NNODES={nnodes}: set MASTER_ADDR to the host of node rank 0 (and NODE_RANK on each node)")
@@ -362,11 +259,12 @@ def torchrun_args(env: Mapping[str, str]) -> list[str]:
                          "srun --ntasks-per-node=1 bash scripts/tableN.sh ... (or submit with --launcher slurm)")
     port = env.get("MASTER_PORT") or (str(29500 + int(env["SLURM_JOB_ID"]) % 1000)
                                       if env.get("SLURM_JOB_ID", "").isdigit() else "29500")
-    return [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}",
+    return [f"--nnodes={nnodes}", f"--node_rank={rank}", f"--nproc_per_node={nproc}",
             f"--master_addr={addr}", f"--master_port={port}"]
 
 
 def node_rank(env: Mapping[str, str]) -> int:
+    """This node's rank (``NODE_RANK``, else ``SLURM_NODEID``; 0 when unset or not a number)."""
     with contextlib.suppress(ValueError):
         return int(env.get("NODE_RANK") or env.get("SLURM_NODEID") or 0)
     return 0
@@ -423,14 +321,11 @@ class _Tee(io.TextIOBase):
 def run_in_process(run: Run, quiet: bool) -> Outcome:
     """``lbc-train`` in this process (no interpreter start-up per run); its output goes to
     ``run_dir/output.log`` (and the console unless ``quiet``)."""
-    from lbc.cli import train as cli
-
     out, err = _Tee(sys.stdout, quiet), _Tee(sys.stderr, quiet)
-    argv, code = sys.argv, 0
-    sys.argv = ["lbc-train", *run.train_args()]
+    code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
+            _train_main(run.train_args())
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
@@ -438,11 +333,30 @@ def run_in_process(run: Run, quiet: bool) -> Outcome:
     except Exception as e:  # noqa: BLE001  (one line for this run; the others go on)
         err.write(f"error: {type(e).__name__}: {e}\n")
         code = 1
-    finally:
-        sys.argv = argv
     with contextlib.suppress(OSError), open(run.run_dir / "output.log", "a") as f:
         f.write(out.buffer_.getvalue() + err.buffer_.getvalue())
     return Outcome(code, _error_line(err.buffer_.getvalue()) if code else "")
+
+
+def _train_main(argv: list[str]) -> None:
+    """``lbc-train argv`` in this process: ``lbc.cli.train.main(argv)``.
+
+    ADAPTER, to go once ``lbc.cli.train.main`` takes its arguments (``main(argv: Sequence[str] | None
+    = None)``, None meaning ``sys.argv[1:]``): until then its ``sys.argv`` is set for the call and restored.
+    """
+    import inspect
+
+    from lbc.cli import train
+
+    if "argv" in inspect.signature(train.main).parameters:
+        train.main(argv)
+        return
+    saved = sys.argv
+    sys.argv = ["lbc-train", *argv]
+    try:
+        train.main()
+    finally:
+        sys.argv = saved
 
 
 def run_child(cmd: Sequence[str], run_dir: Path, quiet: bool) -> Outcome:
@@ -485,7 +399,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="torchrun (full-scale default), slurm (submitit, the 'slurm' extra), "
                         "local (one process per run; small-scale default)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"small scale: epochs per run (default {SMALL_EPOCHS}; detection {SMALL_DET_EPOCHS}); "
+                   help="small scale: epochs per run (default: the presets' 12; detection 6); "
                         "t_f and Table 5's (t_i, t_f) follow")
     p.add_argument("--max-steps", type=int, default=None, help="a quick check: at most this many steps per epoch")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
@@ -527,11 +441,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
     tables = paper_tables()
     if args.table not in tables:
         raise UsageError(f"{PAPER_TABLES} has no {args.table}")
-    rows = full_rows(args.table, tables) if args.scale == "full" else small_rows(args.table, tables, args.epochs)
+    every = full_rows(args.table, tables) if args.scale == "full" else small_rows(args.table, tables, args.epochs)
     globs = [g.strip() for g in args.rows.split(",") if g.strip()]
-    rows = [r for r in rows if any(fnmatch.fnmatchcase(r.id, g) for g in globs)]
+    rows = [r for r in every if any(fnmatch.fnmatchcase(r.id, g) for g in globs)]
     if not rows:
-        every = full_rows(args.table, tables) if args.scale == "full" else small_rows(args.table, tables, args.epochs)
         raise UsageError(f"--rows {args.rows} matches no row of {args.table} at {args.scale} scale; rows: "
                          + ", ".join(r.id for r in every))
     extra = [o for o in args.overrides if not o.startswith(("hydra.launcher.", "hydra/launcher="))]
@@ -674,9 +587,6 @@ def submit_slurm(runs: list[Run], args: argparse.Namespace, env: Mapping[str, st
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
         raise UsageError("--launcher slurm needs Hydra's submitit launcher, which is not installed: "
                          "pip install -e '.[slurm]' (or run scripts/tableN.sh inside an allocation)")
-    import hydra
-    from hydra.core.config_store import ConfigStore
-
     tag = f"[{args.table}/{args.scale}]"
     pending = [r for r in runs if run_state(r.run_dir)[0] != "finished"]
     for r in runs:
@@ -693,30 +603,43 @@ def submit_slurm(runs: list[Run], args: argparse.Namespace, env: Mapping[str, st
     runs_file.write_text(json.dumps([{"overrides": r.overrides, "run_dir": str(r.run_dir.absolute()),
                                       "name": r.name} for r in pending], indent=2))
     nodes, gpus = _slurm_shape(args, env)
+    print(f"{tag} submitting {len(pending)} run(s) as one array job ({nodes} node(s) x {gpus} GPU(s) each; "
+          f"logs in {sweep}); waiting for them", flush=True)
+    # Hydra's multirun reads its command line from the process: it runs in a child whose command line
+    # it is (a job that died, node failure or time limit, is found by the per-run check below).
+    subprocess.call([sys.executable, str(Path(__file__).resolve()), *sweep_overrides(args, env, sweep, runs_file,
+                                                                                     len(pending))],
+                    env={**env, SWEEP_ENV: "1"})
+    failed = [r for r in pending if run_state(r.run_dir)[0] != "finished"]
+    for r in pending:
+        result = "failed (see its output in " + str(sweep) + ")" if r in failed else f"finished: {summary(r.run_dir)}"
+        print(f"{tag} {r.name}: {result}", flush=True)
+    return 1 if failed else 0
+
+
+def sweep_overrides(args: argparse.Namespace, env: Mapping[str, str], sweep: Path, runs_file: Path,
+                    count: int) -> list[str]:
+    """The multirun's command line: the launcher and its settings (ours where the command line gives
+    none), the sweep directory, and one job per pending run (``index=0,1,...``)."""
+    nodes, gpus = _slurm_shape(args, env)
     given = [o for o in args.overrides if o.startswith(("hydra.launcher.", "hydra/launcher="))]
     own_launcher = any(o.startswith("hydra/launcher=") for o in given)  # e.g. submitit_local, to try it out
     defaults = {"nodes": nodes, "gpus_per_node": gpus, **SLURM_DEFAULTS, **({} if own_launcher else SLURM_ONLY_DEFAULTS)}
     settings = [f"hydra.launcher.{k}={v}" for k, v in defaults.items()
                 if not any(o.startswith(f"hydra.launcher.{k}=") for o in given)]
     launcher = [] if own_launcher else ["hydra/launcher=submitit_slurm"]
-    ConfigStore.instance().store(name="reproduce_slurm", node={"runs_file": str(runs_file), "index": 0})
-    hydra_argv = ["reproduce.py", "-m", *launcher, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
-                  *settings, *given, f"index={','.join(str(i) for i in range(len(pending)))}"]
-    print(f"{tag} submitting {len(pending)} run(s) as one array job ({nodes} node(s) x {gpus} GPU(s) each; "
-          f"logs in {sweep}); waiting for them", flush=True)
-    argv = sys.argv
-    sys.argv = hydra_argv
-    try:
-        hydra.main(config_path=None, config_name="reproduce_slurm", version_base="1.3")(_slurm_job)()
-    except SystemExit:  # a job that died (node failure, time limit): the per-run check below says which
-        pass
-    finally:
-        sys.argv = argv
-    failed = [r for r in pending if run_state(r.run_dir)[0] != "finished"]
-    for r in pending:
-        result = "failed (see its output in " + str(sweep) + ")" if r in failed else f"finished: {summary(r.run_dir)}"
-        print(f"{tag} {r.name}: {result}", flush=True)
-    return 1 if failed else 0
+    return ["-m", *launcher, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", *settings, *given,
+            f"runs_file={runs_file}", f"index={','.join(str(i) for i in range(count))}"]
+
+
+def slurm_sweep() -> None:
+    """The child :func:`submit_slurm` starts: Hydra's multirun of :func:`_slurm_job` over this process's
+    own command line (:func:`sweep_overrides`)."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="reproduce_slurm", node={"runs_file": "", "index": 0})
+    hydra.main(config_path=None, config_name="reproduce_slurm", version_base="1.3")(_slurm_job)()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -738,4 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if os.environ.get(SWEEP_ENV):
+        slurm_sweep()
+    else:
+        sys.exit(main())

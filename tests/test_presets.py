@@ -1,7 +1,8 @@
 """The paper presets (``configs/experiment/table{1..6}/``): each composes with its row's recipe, agrees with
 ``scripts/paper_tables.yaml``, attaches its method, and one row per family and method builds end to end
-(ImageNet rows on a tiny folder of the right shape, COCO rows through mmdet's registry). Also the global
-batch and the linear lr rule: ``data.loader.global_batch_size`` and ``trainer.auto_scale_lr``."""
+(ImageNet rows on a tiny folder of the right shape, COCO rows through mmdet's registry). The small-scale
+presets (``configs/experiment/small/``): each composes as its ``small`` entry in paper_tables.yaml says.
+Also the global batch and the linear lr rule: ``data.loader.global_batch_size`` and ``trainer.auto_scale_lr``."""
 
 from __future__ import annotations
 
@@ -99,10 +100,69 @@ def test_preset_carries_its_rows_recipe(preset):
         assert (s.name, s.epochs, s.milestones) == ("step", 12, [8, 11])
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+# --- the small-scale presets (configs/experiment/small/table{1..6}/, scripts/reproduce.py --scale small) -------
+SMALL = sorted(str(p.relative_to(EXPERIMENTS).with_suffix("")) for p in EXPERIMENTS.glob("small/table[1-6]/*.yaml"))
+
+
+def small_rows() -> dict[str, tuple[str, dict]]:
+    """small preset -> (its table, its entry under the table's ``small`` in scripts/paper_tables.yaml)."""
+    tables = yaml.safe_load(PAPER_TABLES.read_text())["tables"]
+    return {row["preset"]: (table_id, row) for table_id, table in tables.items() for row in table.get("small", [])}
+
+
+@functools.cache
+def composed_small(preset: str) -> tuple[DictConfig, dict]:
+    cfg = compose_config([f"experiment={preset}", "run_dir=/tmp/lbc-presets"])
+    return cfg, validate(cfg)
+
+
+def test_the_paper_tables_file_and_the_small_preset_files_name_the_same_presets():
+    named = small_rows()
+    assert set(named) == set(SMALL), (sorted(set(named) - set(SMALL)), sorted(set(SMALL) - set(named)))
+    assert len(SMALL) == 36  # 10 + 5 + 5 + 3 + 8 + 5 small-scale rows
+    for preset, (table_id, row) in named.items():
+        assert preset == f"small/{table_id}/{row['id']}"
+
+
+@pytest.mark.parametrize("preset", SMALL)
+def test_small_preset_composes_as_its_row_says(preset):
+    text = (EXPERIMENTS / f"{preset}.yaml").read_text()
+    assert text.startswith("# @package _global_\n# Small Table")  # what it stands for, in the header
+    table_id, row = small_rows()[preset]
+    cfg, typed = composed_small(preset)
+    sp, s = typed["sparsity"], typed["schedule"]
+    assert sp.method == row["method"]
+    if row["pattern"]:
+        assert sp.pattern == row["pattern"]
+    if sp.method == "lbc":
+        assert sp.criterion == row["criterion"]
+        assert sp.removal == ("released" if sp.t_f == 0 else "paper")  # only Table 5's (0, 0) row
+    if table_id in ("table2", "table3"):
+        assert cfg.task.name == "detection" and cfg.data.name == "coco_shapes"
+        assert cfg.model.name == ("faster_rcnn_r18_fpn_shapes" if table_id == "table2" else "mask_rcnn_r18_fpn_shapes")
+        assert (s.epochs, s.milestones, typed["optim"].name, typed["optim"].lr) == (6, [4, 5], "adamw", 1e-3)
+        assert (cfg.data.train_images, cfg.data.val_images, cfg.data.image_size, cfg.data.batch_size) == (128, 48, 64, 4)
+        if sp.method == "lbc":
+            assert (sp.t_i, sp.t_f) == (0, 3)
+        return
+    assert (cfg.model.name, cfg.data.name, cfg.data.image_size, cfg.trainer.progress) == ("resnet_small", "digits", 16, False)
+    assert s.epochs == (20 if sp.method == "asp" else 12)
+    if sp.method == "asp":  # the paper's 120 dense + 80 fine-tuning, scaled to 12 + 8
+        assert sp.dense_epochs == 12
+    if table_id == "table5":  # the paper's (t_i, t_f) of 120 epochs, scaled to 12
+        paper = {r["id"]: r for r in yaml.safe_load(PAPER_TABLES.read_text())["tables"]["table5"]["rows"]}
+        p = paper[row["paper_row"]]
+        assert (sp.t_i, sp.t_f) == (p["t_i"] * 12 / 120, p["t_f"] * 12 / 120)
+    elif sp.method == "lbc":
+        assert (sp.t_i, sp.t_f) == (0, 6)
+    elif sp.method == "srste":
+        assert (sp.t_i, sp.t_f) == (None, None)
+
+
+@pytest.mark.parametrize("preset", PRESETS + SMALL)
 def test_presets_method_attaches_with_its_options(preset):
     """Every preset's sparsity options are ones its method accepts (on a small net: the options, not the model)."""
-    _, typed = composed(preset)
+    _, typed = composed_small(preset) if preset.startswith("small/") else composed(preset)
     model = build_model(name="resnet_small", num_classes=10, widths=[16, 32, 64], blocks=[1, 1, 1])
     sp = lbc.sparsify(model, **dataclasses.asdict(typed["sparsity"]))
     sp.update(0)

@@ -1,6 +1,7 @@
 """scripts/reproduce.py (and scripts/tableN.sh): the small-scale mode of Tables 1 and 5 end to end (a few
 steps per row), the full-scale torchrun commands from the environment (one box, SLURM), skipping
-finished runs, a failing row that does not stop the others, the SLURM launcher's missing extra."""
+finished runs, a failing row that does not stop the others, the SLURM launcher (its missing extra, the
+multirun it starts), the small-scale presets at other epochs."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from tests.helpers import PYTHON, ROOT
+from lbc.run.records import read_metrics
+from tests.helpers import PYTHON, ROOT, compose_config
 
 SCRIPT = ROOT / "scripts" / "reproduce.py"
 
@@ -48,7 +51,8 @@ def lines_with(text: str, *parts: str) -> list[str]:
 # --- small scale, end to end ---------------------------------------------------------------------------
 
 # 2 epochs of one step of 16 images (and one evaluation batch) per run: the whole table in one process.
-P5 = reproduce.TABLE5_PATTERN.replace(":", "x")  # Table 5's pattern in its row ids
+T5 = PAPER["table5"]["small"][0]["pattern"]  # Table 5's pattern at small scale (the paper's 1:4)
+P5 = T5.replace(":", "x")  # ... in its row ids
 QUICK = ["--scale", "small", "--seeds", "0", "--epochs", "2", "--max-steps", "1", "data.loader.batch_size=16"]
 
 
@@ -84,7 +88,7 @@ def test_small_tables_1_and_5_run_end_to_end_and_finished_runs_are_skipped(tmp_p
             if row["method"] != "dense":  # dense has a pattern key too (unused): the row says null
                 assert cfg["sparsity"]["pattern"] == row["pattern"]
             assert (ROOT / cfg["run_dir"]).resolve() == path.resolve() and cfg["seed"] == 0
-            assert len(reproduce.read_metrics(path)) == cfg["schedule"]["epochs"]
+            assert len(read_metrics(path)) == cfg["schedule"]["epochs"]
 
     # Table 1: LBC removes candidates until half the epochs; ASP trains 2 dense + 1 fine-tuning epochs.
     lbc = config("table1", "lbc_1x16")["sparsity"]
@@ -96,7 +100,7 @@ def test_small_tables_1_and_5_run_end_to_end_and_finished_runs_are_skipped(tmp_p
     for ti, tf, small in ((0, 0, (0, 0)), (0, 30, (0, 0.5)), (0, 60, (0, 1)), (30, 60, (0.5, 1))):
         for method in ("srste", "lbc"):
             sp = config("table5", f"{method}_{P5}_ti{ti}_tf{tf}")["sparsity"]
-            assert (sp["method"], sp["pattern"], sp["t_i"], sp["t_f"]) == (method, reproduce.TABLE5_PATTERN, *small)
+            assert (sp["method"], sp["pattern"], sp["t_i"], sp["t_f"]) == (method, T5, *small)
     assert config("table5", f"lbc_{P5}_ti0_tf0")["sparsity"]["removal"] == "released"
     assert config("table5", f"lbc_{P5}_ti0_tf30")["sparsity"]["removal"] == "paper"
     # paper_row: the paper's row of the same method and pattern, else null
@@ -146,6 +150,12 @@ def test_an_unfinished_run_resumes_in_its_run_dir(tmp_path: Path):
     assert reproduce.run_state(path) == ("finished", 3)
     assert reproduce.summary(path) == "top-1 70.00, density 0.070"
     assert reproduce.run_state(tmp_path / "nothing") == ("new", 0)
+
+
+def test_a_record_torn_by_a_kill_is_an_unfinished_run(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"schedule": {"epochs": 2}}))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "top1": 50.0}\n{"epoch": 2, "to')  # the resume drops it
+    assert reproduce.run_state(tmp_path)[0] == "partial"
 
 
 # --- full scale: torchrun from the environment -----------------------------------------------------
@@ -232,6 +242,41 @@ def test_slurm_dry_run_shows_each_jobs_torchrun_command(tmp_path: Path):
     assert "hydra.launcher" not in line and "data.root=/coco" in line  # submission settings stay out of the run
 
 
+def test_slurm_launcher_runs_the_multirun_in_a_child_with_its_own_command_line(tmp_path: Path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "hydra_plugins.hydra_submitit_launcher" else real(name, *a))
+    started = []
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, env: started.append((cmd, env)) or 0)
+    args = ["--table", "table4", "--launcher", "slurm", "--out", str(tmp_path), "hydra.launcher.partition=gpu",
+            "data.root=/data/imagenet"]
+    assert reproduce.main(args) == 1  # nothing ran: every run is reported failed, one line each
+    ((cmd, env),) = started
+    assert cmd[:2] == [sys.executable, str(SCRIPT)] and env[reproduce.SWEEP_ENV] == "1"
+    sweep = Path(next(a for a in cmd if a.startswith("hydra.sweep.dir=")).split("=", 1)[1])
+    assert cmd[2:4] == ["-m", "hydra/launcher=submitit_slurm"] and "hydra.launcher.partition=gpu" in cmd
+    assert {"hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=1", "hydra.launcher.max_num_timeout=5"} <= set(cmd)
+    assert cmd[-2:] == [f"runs_file={sweep / 'runs.json'}", "index=0,1,2"]
+    runs = json.loads((sweep / "runs.json").read_text())
+    assert [r["name"] for r in runs] == ["resnet50_dense seed0", "resnet50_srste_1x16 seed0", "resnet50_lbc_1x16 seed0"]
+    assert all("data.root=/data/imagenet" in r["overrides"] and not any("hydra" in o for o in r["overrides"])
+               for r in runs)
+    out = capsys.readouterr().out
+    assert len(lines_with(out, "seed0: failed (see its output in")) == 3
+
+
+def test_in_process_runs_call_lbc_train_with_their_arguments(monkeypatch):
+    from lbc.cli import train
+
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv=None: calls.append(("argv", argv)))
+    reproduce._train_main(["seed=1", "run_dir=x"])
+    monkeypatch.setattr(train, "main", lambda: calls.append(("sys.argv", list(sys.argv))))  # the adapter's other case
+    before = list(sys.argv)
+    reproduce._train_main(["seed=2"])
+    assert calls == [("argv", ["seed=1", "run_dir=x"]), ("sys.argv", ["lbc-train", "seed=2"])] and sys.argv == before
+
+
 @pytest.mark.parametrize("n", range(1, 7))
 def test_one_command_per_table(n: int, tmp_path: Path):
     wrapper = ROOT / "scripts" / f"table{n}.sh"
@@ -243,6 +288,7 @@ def test_one_command_per_table(n: int, tmp_path: Path):
     commands = lines_with(done.stdout, "lbc.cli.train", " seed=3 ")
     assert len(commands) == len(reproduce.small_rows(f"table{n}", PAPER))
     assert all(f"run_dir={tmp_path}/table{n}/small/" in c for c in commands)
+    assert all(f" experiment=small/table{n}/" in c for c in commands)
 
 
 @pytest.mark.parametrize("table", reproduce.TABLES)
@@ -258,20 +304,45 @@ def test_small_rows_stand_for_paper_rows_of_the_same_method_and_pattern(table: s
         else:  # a pattern the paper does not have for this method: no paper value beside it
             assert row.info["pattern"] not in {r["pattern"] for r in paper.values() if r["method"] == row.info["method"]}
     matched = sum(r.info["paper_row"] is not None for r in rows)
-    t5 = 8 if reproduce.TABLE5_PATTERN == "1:4" else 0  # the paper's Table 5 is 1:4
+    t5 = 8 if T5 == "1:4" else 0  # the paper's Table 5 is 1:4
     assert matched == {"table1": 8, "table2": 5, "table3": 5, "table4": 3, "table5": t5, "table6": 5}[table]
 
 
+def composed_row(table: str, row: str, epochs: int | None = None) -> dict[str, Any]:
+    """The resolved config a small-scale row runs with (``--epochs``: ``epochs``), as lbc-train composes it."""
+    (r,) = [r for r in reproduce.small_rows(table, PAPER, epochs=epochs) if r.id == row]
+    return OmegaConf.to_container(compose_config([*r.overrides, "run_dir=/tmp/lbc-reproduce"]), resolve=True)
+
+
 def test_small_rows_follow_the_epochs():
-    t5 = {r.id: r.info for r in reproduce.small_rows("table5", PAPER, epochs=12)}
-    assert [(t5[f"lbc_{P5}_ti{a}_tf{b}"]["t_i"], t5[f"lbc_{P5}_ti{a}_tf{b}"]["t_f"])
-            for a, b in ((0, 0), (0, 30), (0, 60), (30, 60))] == [(0, 0), (0, 3), (0, 6), (3, 6)]
-    t1 = {r.id: r for r in reproduce.small_rows("table1", PAPER, epochs=6)}
-    assert "sparsity.t_f=3" in t1["lbc_1x4"].overrides and "schedule.epochs=6" in t1["lbc_1x4"].overrides
-    assert {"schedule.epochs=10", "sparsity.dense_epochs=6"} <= set(t1["asp_2x4"].overrides)
-    det = {r.id: r for r in reproduce.small_rows("table3", PAPER, epochs=9)}
-    assert {"model=mask_rcnn_r18_fpn_shapes", "schedule.epochs=9", "schedule.milestones=[6,8]",
-            "sparsity.t_f=4.5"} <= set(det["lbc_2x8"].overrides)
+    for (a, b), small in zip(((0, 0), (0, 30), (0, 60), (30, 60)), ((0, 0), (0, 3), (0, 6), (3, 6)), strict=True):
+        sp = composed_row("table5", f"lbc_{P5}_ti{a}_tf{b}", epochs=12)["sparsity"]
+        assert (sp["t_i"], sp["t_f"]) == small
+    lbc = composed_row("table1", "lbc_1x4", epochs=6)
+    assert (lbc["sparsity"]["t_f"], lbc["schedule"]["epochs"]) == (3, 6)
+    asp = composed_row("table1", "asp_2x4", epochs=6)
+    assert (asp["schedule"]["epochs"], asp["sparsity"]["dense_epochs"]) == (10, 6)
+    det = composed_row("table3", "lbc_2x8", epochs=9)
+    assert (det["model"]["name"], det["schedule"]["epochs"], det["schedule"]["milestones"], det["sparsity"]["t_f"]) == (
+        "mask_rcnn_r18_fpn_shapes", 9, [6, 8], 4.5)
+    assert composed_row("table1", "dense", epochs=1)["schedule"]["warmup_epochs"] == 0  # one epoch: no warm-up
+    # without --epochs: the presets' own 12 (ASP 12 + 8; detection 6, steps after 4 and 5)
+    assert (composed_row("table1", "lbc_2x4")["sparsity"]["t_f"], composed_row("table1", "lbc_2x4")["schedule"]["epochs"]) \
+        == (6, 12)
+    asp = composed_row("table1", "asp_2x4")
+    assert (asp["schedule"]["epochs"], asp["sparsity"]["dense_epochs"]) == (20, 12)
+    det = composed_row("table2", "lbc_2x4")
+    assert (det["model"]["name"], det["schedule"]["epochs"], det["schedule"]["milestones"], det["sparsity"]["t_f"]) == (
+        "faster_rcnn_r18_fpn_shapes", 6, [4, 5], 3)
+
+
+def test_small_rows_are_presets_named_in_the_paper_tables_file():
+    for table in reproduce.TABLES:
+        rows = reproduce.small_rows(table, PAPER)
+        assert [r.id for r in rows] == [r["id"] for r in PAPER[table]["small"]]
+        for row in rows:
+            assert row.overrides == [f"experiment=small/{table}/{row.id}"] and row.preset == f"small/{table}/{row.id}"
+            assert row.detection == (table in ("table2", "table3"))
 
 
 def test_command_line_overrides_replace_the_rows_own():

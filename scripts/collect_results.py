@@ -6,7 +6,8 @@
 
 Reads the run directories the launchers make, ``<root>/<table>/<scale>/<row id>/seed<k>/`` (any
 directory below ``RUN_ROOT`` holding a ``row.json``), each with the trainer's ``config.yaml`` and
-``metrics.jsonl``. Seeds of one row are pooled: mean and spread (sample standard deviation by
+``metrics.jsonl`` (read with :func:`lbc.run.records.read_metrics`, the schema every task writes).
+Seeds of one row are pooled: mean and spread (sample standard deviation by
 default, ``--spread minmax`` for the range). Each measured column is three adjacent columns: ours,
 the paper's (``scripts/paper_tables.yaml``) and ours minus the paper's. A row without a finished
 run is blank, never zero; an unfinished or unreadable run directory is one line on stderr.
@@ -30,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from lbc.run.records import METRICS_FILE, MetricsError, read_metrics
+
 HERE = Path(__file__).resolve().parent
 PAPER_TABLES = HERE / "paper_tables.yaml"
 SCALES = ("full", "small")
@@ -42,7 +45,7 @@ NO_DIFF = ("epochs",)  # compared side by side, without a difference column
 # for the layout, never subtracted. Training FLOPs are ratios to dense, comparable at any scale.
 SMALL_NO_DIFF = ("top1", "top1_best", "bbox_map", "segm_map", "params_test", "flops_test")
 OURS_ONLY = ("top1_best",)  # the paper has no such column
-FLOPS_KEY = "train_flops_ratio"
+FLOPS_KEY = "sparsity/train_flops_ratio"
 
 
 class RunError(Exception):
@@ -64,8 +67,8 @@ class Run:
 
     @property
     def final(self) -> dict[str, Any]:
-        """The last evaluation's record, with the sparsity scalars under their bare names."""
-        return plain_keys(self.records[-1])
+        """The last evaluation's record."""
+        return self.records[-1]
 
     @property
     def method(self) -> str:
@@ -74,12 +77,6 @@ class Run:
     @property
     def model(self) -> str:
         return str(self.config.get("model", {}).get("name", "?"))
-
-
-def plain_keys(record: dict[str, Any]) -> dict[str, Any]:
-    """``sparsity/density`` -> ``density`` (the trainer's keys) and ``coco/bbox_mAP`` stays as it is
-    (the detection hook writes bare sparsity keys already)."""
-    return {k.removeprefix("sparsity/"): v for k, v in record.items()}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -92,20 +89,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The lines of ``metrics.jsonl`` (one JSON object per evaluation), in order."""
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise RunError(f"metrics.jsonl line {i} is not JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            raise RunError(f"metrics.jsonl line {i} has no integer 'epoch'")
-        records.append(record)
-    return records
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` records, in order; a broken line is a RunError naming it."""
+    try:
+        return read_metrics(run_dir)
+    except MetricsError as err:
+        raise RunError(str(err)) from None
 
 
 def read_run(path: Path) -> Run:
@@ -122,9 +111,9 @@ def read_run(path: Path) -> Run:
     epochs = config.get("schedule", {}).get("epochs") if isinstance(config.get("schedule"), dict) else None
     if not isinstance(epochs, int) or epochs <= 0:
         raise RunError(f"config.yaml schedule.epochs={epochs!r} is not a positive integer")
-    if not (path / "metrics.jsonl").is_file():
+    if not (path / METRICS_FILE).is_file():
         raise RunError(f"unfinished (no evaluation yet, 0/{epochs} epochs)")
-    records = read_records(path / "metrics.jsonl")
+    records = read_records(path)
     last = records[-1]["epoch"] if records else 0
     if last < epochs:
         raise RunError(f"unfinished ({last}/{epochs} epochs)")
@@ -175,7 +164,7 @@ def metric(run: Run, key: str, dense_epochs: dict[str, int], summaries: dict[Any
         value = final.get(f"coco/{key.split('_')[0]}_mAP")
         return None if value is None else 100.0 * value
     if key == "sparsity":
-        density = final.get("density")
+        density = final.get("sparsity/density")
         return None if density is None else 100.0 * (1.0 - density)
     if key in ("params_test", "flops_test"):
         totals = inference_cost(run, summaries)

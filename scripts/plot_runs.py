@@ -32,11 +32,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from lbc.run.records import METRICS_FILE, read_metrics  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 
 def _collect_module() -> Any:
-    """``collect_results.py`` beside this file (for its metrics reading and FLOPs normalisation)."""
+    """``collect_results.py`` beside this file (for its row.json reading and FLOPs normalisation)."""
     spec = importlib.util.spec_from_file_location("collect_results", HERE / "collect_results.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("collect_results", module)
@@ -55,7 +57,7 @@ class PlotRun:
         self.row = collect.read_json(path / "row.json") if (path / "row.json").is_file() else {}
         config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
         self.config = config if isinstance(config, dict) else {}
-        self.records = [collect.plain_keys(r) for r in collect.read_records(path / "metrics.jsonl")]
+        self.records = read_metrics(path)  # a broken line: MetricsError, a ValueError naming it
         if not self.records:
             raise collect.RunError("metrics.jsonl has no evaluation yet")
         sp = self.config.get("sparsity", {})
@@ -90,7 +92,7 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     """Run directories given or below the given folders (each holds a metrics.jsonl)."""
     out: list[Path] = []
     for path in paths:
-        found = [path] if (path / "metrics.jsonl").is_file() else sorted(p.parent for p in path.rglob("metrics.jsonl"))
+        found = [path] if (path / METRICS_FILE).is_file() else sorted(p.parent for p in path.rglob(METRICS_FILE))
         out += [p for p in found if p not in out]
     return out
 
@@ -148,9 +150,10 @@ def figures(runs: Sequence[PlotRun]) -> dict[str, Figure]:
     out["top1"] = fig
 
     fig, (ax_d, ax_a) = plt.subplots(1, 2, figsize=(11, 4.5))
-    _plot_curves(ax_d, runs, lambda r: "density", colours)
+    _plot_curves(ax_d, runs, lambda r: "sparsity/density", colours)
     ax_d.set(xlabel="epoch", ylabel="density (kept / all Conv/Linear weights)", title="Density over epochs")
-    _plot_curves(ax_a, [r for r in runs if r.series("alive_per_group")[0]], lambda r: "alive_per_group", colours)
+    alive = "sparsity/alive_per_group"
+    _plot_curves(ax_a, [r for r in runs if r.series(alive)[0]], lambda r: alive, colours)
     ax_a.set(xlabel="epoch", ylabel="alive candidates per group", title="LBC: alive candidates per group")
     for ax in (ax_d, ax_a):
         ax.grid(alpha=0.3)

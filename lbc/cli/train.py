@@ -29,8 +29,9 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lbc import config as lbc_config
-from lbc.engine import distributed, rundir, signals
+from lbc.engine import distributed
 from lbc.errors import ConfigError, DataError
+from lbc.run import rundir, signals
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -97,26 +98,23 @@ def _bad_flag(message: str) -> NoReturn:
 
 
 def run_job(cfg: DictConfig) -> None:
-    """One job: Hydra's output directory becomes ``run_dir``; errors are one line."""
+    """One job: Hydra's output directory becomes ``run_dir``; errors are one line. After a failed start
+    (a config or data error, an interrupt before training) the folder goes if nothing of a run is in it."""
     out = HydraConfig.get().runtime.output_dir
     _job_dirs.append(out)
     with open_dict(cfg):
         cfg.run_dir = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out
     try:
         runner(cfg)(cfg)
-    except signals.Stopped as e:  # SIGTERM / first Ctrl-C: the trainer saved what it could and logged one line
+    except signals.Stopped as e:  # SIGTERM / first Ctrl-C: the run saved what it could and logged one line
         signals.exit_process(e.exit_code)
-    except (ConfigError, DataError) as e:
-        rundir.remove_if_unused(out)  # a run that failed at start-up leaves no folder with only .hydra/ in it
-        fail(str(e))
-    except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
-        rundir.remove_if_unused(out)
-        fail(str(lbc_config.as_config_error(e)))
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before training started (the loop stops gracefully)
-        rundir.remove_if_unused(out)
-        _interrupted(e)
     except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
         fail(f"{e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint is in {cfg.run_dir})", 1)
+    except (ConfigError, DataError, OmegaConfBaseException, KeyboardInterrupt) as e:
+        rundir.remove_if_unused(out)  # a run that failed at start-up leaves no folder with only .hydra/ in it
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM before training started (the loop stops gracefully)
+            _interrupted(e)
+        fail(str(lbc_config.as_config_error(e)) if isinstance(e, OmegaConfBaseException) else str(e))
 
 
 def runner(cfg: DictConfig) -> Callable[[DictConfig], Any]:

@@ -2,16 +2,14 @@
 
 mmengine owns the loop; the method needs five moments of it: before each train iteration (advance the
 schedule to the fractional epoch), the log moment (scalars into the message hub, so LoggerHook prints them
-and the visualiser's backends write them), the end of each validation (one JSON line per epoch), saving and
+and the visualiser's backends write them), the end of each validation (one record per epoch in
+``<work_dir>/metrics.jsonl``, the schema of :mod:`lbc.run.records`), saving and
 loading a checkpoint (the schedule's bookkeeping and the RNG states travel with it, so a resumed run continues
 exactly), and the end of training (the method's final promise is checked).
 """
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Any
 
 from mmdet.registry import HOOKS
@@ -21,6 +19,7 @@ from mmengine.model import is_model_wrapper
 
 from lbc.engine.checkpoint import rng_state, set_rng_state
 from lbc.errors import ConfigError
+from lbc.run.records import MetricsRecord, sparsity_scalars
 from lbc.sparsity import SparsityMethod
 
 __all__ = ["SparsityHook", "find_sparsity"]
@@ -46,20 +45,17 @@ class SparsityHook(Hook):
     Args:
         log_interval: train iterations between updates of the ``train/sparsity/<name>`` scalars in the
             message hub (also at each epoch's first and last iteration and whenever the masks change).
-        metrics_file: file in the run's work_dir that gets one JSON line per validation (rank 0):
-            ``{"epoch", "iter", <val metrics>, <sparsity scalars>}``.
+
+    After each validation rank 0 appends ``{"epoch", "step", <val metrics>, "sparsity/<name>"...}`` to
+    ``<work_dir>/metrics.jsonl`` (:mod:`lbc.run.records`, the record every lbc task writes).
     """
 
     priority = "NORMAL"  # runs before LoggerHook (BELOW_NORMAL): the logged scalars are this iteration's
 
-    def __init__(self, log_interval: int = 50, metrics_file: str = "metrics.jsonl") -> None:
+    def __init__(self, log_interval: int = 50) -> None:
         if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
             raise ConfigError(f"SparsityHook log_interval={log_interval!r} is not allowed; use an integer >= 1")
-        if not isinstance(metrics_file, str) or not metrics_file or Path(metrics_file).is_absolute():
-            raise ConfigError(f"SparsityHook metrics_file={metrics_file!r} is not allowed; use a file name "
-                              "relative to the work_dir")
         self.log_interval = log_interval
-        self.metrics_file = metrics_file
         self._changed = False  # the last update changed the masks: log the scalars now
         self._rng_before_val: dict[str, Any] | None = None
 
@@ -105,16 +101,10 @@ class SparsityHook(Hook):
             self._rng_before_val = None
 
     def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
-        """Append ``{"epoch", "iter", <val metrics>, <sparsity scalars>}`` to ``<work_dir>/<metrics_file>`` (rank 0)."""
-        if not is_main_process():
-            return
-        line: dict[str, Any] = {"epoch": runner.epoch, "iter": runner.iter}
-        line.update({k: _plain(v) for k, v in (metrics or {}).items()})
-        line.update(find_sparsity(runner.model).report()["scalars"])
-        path = Path(runner.work_dir) / self.metrics_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line, sort_keys=False) + "\n")
+        """Append the record ``{"epoch", "step", <val metrics>, "sparsity/<name>"...}`` (rank 0): epochs and
+        iterations completed (mmengine has counted this epoch's before it validates)."""
+        record = {"epoch": runner.epoch, "step": runner.iter, **(metrics or {}), **sparsity_scalars(find_sparsity(runner.model))}
+        MetricsRecord(runner.work_dir, enabled=is_main_process()).append(record)
 
     # --- checkpoints --------------------------------------------------------------------------
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
@@ -144,12 +134,3 @@ def _mask_versions(sparsity: SparsityMethod) -> tuple[int, ...]:
     """Version counters of the layers' mask buffers: they change exactly when a mask is rewritten."""
     masks = (sparsity.layer_mask(name) for name in sparsity.layers)
     return tuple(-1 if m is None else m._version for m in masks)
-
-
-def _plain(value: Any) -> Any:
-    """A metric as a JSON value (numpy / torch scalars to floats; NaN and inf to None)."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

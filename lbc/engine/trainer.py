@@ -1,10 +1,12 @@
-"""The training run, top to bottom: :func:`build` (data, model, sparsity, optimizer, resume), then
+"""The classification run, top to bottom: :func:`build` (data, model, sparsity, optimizer, resume), then
 :func:`fit` (the loop, checkpoints, summary); :func:`run` is both.
 
-As in torchvision's ``references/classification/train.py``: no hidden control flow. The sparsity
-method is reached only through its interface (``lbc.sparsify`` returns it); the trainer never
-asks which method it is running. Messages go through ``logging`` (the ``lbc`` logger): Hydra's
-``train.log`` in the run directory keeps them, the console shows them plain.
+As in torchvision's ``references/classification/train.py``: no hidden control flow. What every task's
+run does (the run directory, config.yaml, the metrics record, the start and done lines, a graceful
+stop, cleaning up a failed start) is :class:`lbc.run.lifecycle.Run`'s; this module supplies the
+rest. The sparsity method is reached only through its interface (``lbc.sparsify`` returns it); the
+trainer never asks which method it is running. Messages go through ``logging`` (the ``lbc``
+logger): Hydra's ``train.log`` in the run directory keeps them, the console shows them plain.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import lbc
 from lbc import config as lbc_config
 from lbc.data import build_datasets, build_loader, build_mixup
-from lbc.engine import checkpoint, distributed, rundir, signals
-from lbc.engine.logging import RunLogger
+from lbc.engine import checkpoint, distributed
 from lbc.engine.loop import evaluate, train_one_epoch
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, param_groups
 from lbc.errors import ConfigError, DataError
 from lbc.io import load_model_weights
 from lbc.models import build_model
+from lbc.run.lifecycle import Run
+from lbc.run.records import sparsity_scalars
+from lbc.run.signals import GracefulStop, Stopped
 
 log = logging.getLogger("lbc")
 
@@ -46,23 +49,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def share_run_dir(run_dir: str) -> str:
-    """Rank 0's run dir on every rank (``${now:...}`` may differ by a second between ranks).
-
-    A rank whose Hydra made a different, fresh directory removes it.
-    """
-    chosen = distributed.broadcast_object(run_dir)
-    own = Path(run_dir)
-    if chosen != run_dir and own.is_dir() and {p.name for p in own.iterdir()} <= {".hydra", "train.log"}:
-        shutil.rmtree(own, ignore_errors=True)
-    return chosen
-
-
-def sparsity_scalars(sp: Any) -> dict[str, float]:
-    """The method's report scalars as ``sparsity/<name>`` (the TensorBoard and metrics.jsonl key)."""
-    return {f"sparsity/{k}": float(v) for k, v in sp.report().get("scalars", {}).items()}
 
 
 def as_kwargs(group: Any) -> dict[str, Any]:
@@ -77,8 +63,8 @@ class Training:
     """Everything :func:`fit` needs, as :func:`build` made it (and resumed it)."""
 
     cfg: DictConfig
+    run: Run  # the claimed run directory (rank 0 holds its lock from build() to the end of fit())
     device: torch.device
-    run_dir: Path
     model: nn.Module
     sparsity: Any  # the method object lbc.sparsify returned
     ema: ModelEmaV3 | None
@@ -95,12 +81,14 @@ class Training:
     start_epoch: int = 0
     last: dict[str, Any] = dataclasses.field(default_factory=dict)
     resumed_from: str | None = None
-    lock: rundir.RunDirLock | None = None  # rank 0 holds <run_dir>/.lock from build() to the end of fit()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
 
     def release(self) -> None:
         """Give the run directory back (fit() does it at its end, however it ends)."""
-        if self.lock is not None:
-            self.lock.release()
+        self.run.close()
 
     def state(self, epoch: int) -> dict[str, Any]:
         """The checkpoint after ``epoch`` epochs (every rank gathers its RNG state; rank 0 writes)."""
@@ -148,27 +136,23 @@ class Training:
 def build(cfg: DictConfig) -> Training:
     """Check ``cfg`` and build the run: data, model with its sparsity method, optimizer, schedule.
 
-    Takes the run directory (one run at a time: ``rundir.claim``; rank 0 holds the lock until
+    Takes the run directory (one run at a time: :meth:`Run.claim`; rank 0 holds the lock until
     :func:`fit` ends, and gives it back if building fails). Resumes from ``trainer.resume``, else
     from ``<run_dir>/last.pt`` when it exists.
     """
-    held: list[rundir.RunDirLock] = []
+    typed = lbc_config.validate(cfg)
+    device = distributed.pick_device(typed["trainer"].device)
+    distributed.init(device)
+    run = Run.claim(cfg)  # a usable run_dir no other live run holds, else one ConfigError line (every rank)
     try:
-        return _build(cfg, held)
-    except BaseException:
-        for lock in held:
-            lock.release()
+        return _build(cfg, typed, device, run)
+    except BaseException as err:
+        run.close(err)
         raise
 
 
-def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
-    typed = lbc_config.validate(cfg)
-    tcfg = typed["trainer"]
-    device = distributed.pick_device(tcfg.device)
-    distributed.init(device)
-    run_dir = Path(share_run_dir(str(cfg.run_dir)))
-    lock = rundir.claim(run_dir)  # a usable run_dir no other live run holds, else one ConfigError line (every rank)
-    held += [lock] if lock is not None else []
+def _build(cfg: DictConfig, typed: dict[str, Any], device: torch.device, run: Run) -> Training:
+    tcfg, run_dir = typed["trainer"], run.run_dir
     amp_dtype = AMP_DTYPES[tcfg.amp] if tcfg.amp in AMP_DTYPES and device.type == "cuda" else None
     memory_format = torch.channels_last if tcfg.channels_last else torch.preserve_format
 
@@ -217,10 +201,10 @@ def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
     scheduler = build_phased_scheduler(optimizer, sp.phases(), scfg.epochs, steps, warmup_epochs=scfg.warmup_epochs,
                                        warmup_lr=scfg.warmup_lr, min_lr=scfg.min_lr)
     training = Training(
-        cfg=cfg, device=device, run_dir=run_dir, model=model, sparsity=sp, ema=ema, train_loader=train_loader,
+        cfg=cfg, run=run, device=device, model=model, sparsity=sp, ema=ema, train_loader=train_loader,
         val_loader=val_loader, criterion=criterion, mixup=mixup, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
-        epochs=scfg.epochs, steps=steps, lock=lock,
+        epochs=scfg.epochs, steps=steps,
     )  # fmt: skip
 
     # --- resume: an explicit trainer.resume, else <run_dir>/last.pt if present -------------
@@ -238,44 +222,30 @@ def _build(cfg: DictConfig, held: list[rundir.RunDirLock]) -> Training:
 def fit(t: Training) -> dict[str, Any]:
     """Train from ``t.start_epoch`` to the end; returns the final metrics (top1, top5, sparsity scalars, run_dir).
 
-    On SIGTERM or a first Ctrl-C (``signals.GracefulStop``) it stops after the current optimizer
-    step: a partial epoch is dropped (the last epoch-end checkpoint is what resume continues from,
+    On SIGTERM or a first Ctrl-C (``t.run.stop``) it stops after the current optimizer step: a
+    partial epoch is dropped (the last epoch-end checkpoint is what resume continues from,
     bit-exact), a stop that comes after an epoch's last step writes that epoch's checkpoint; it logs
-    one line and raises ``signals.Stopped``. The run directory is given back however fit ends.
+    one line and raises :class:`~lbc.run.signals.Stopped`. The run directory is given back however
+    fit ends.
     """
-    try:
-        with signals.GracefulStop() as stop:
-            return _fit(t, stop)
-    finally:
-        t.release()
+    with t.run, t.run.stop as stop:
+        return _fit(t, stop)
 
 
-def _fit(t: Training, stop: signals.GracefulStop) -> dict[str, Any]:
-    cfg, tcfg, sp, main = t.cfg, t.cfg.trainer, t.sparsity, distributed.is_main()
+def _fit(t: Training, stop: GracefulStop) -> dict[str, Any]:
+    tcfg, sp, run, main = t.cfg.trainer, t.sparsity, t.run, distributed.is_main()
     sp.exclude_from_ddp(t.model)  # scores, masks: the method's own, never in the DDP wrapper
     replica = distributed.Replica(t.model, t.device, compile=tcfg.compile, find_unused_parameters=tcfg.find_unused_parameters)
-    logger = RunLogger(t.run_dir, enabled=main)
-    if main:
-        t.run_dir.mkdir(parents=True, exist_ok=True)
-        (t.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        logger.truncate_after(t.start_epoch)
-        where = f", resuming from {t.resumed_from} at epoch {t.start_epoch}" if t.resumed_from else ""
-        log.info("lbc: %s on %s, sparsity %s, %s, %d process(es), %d epochs x %d steps%s; run dir %s",
-                 cfg.model.name, cfg.data.name, cfg.sparsity.method, t.device, distributed.world_size(), t.epochs,
-                 t.steps, where, t.run_dir)
+    run.begin(t.device, f"{t.epochs} epochs x {t.steps} steps", resumed_from=t.resumed_from,
+              resumed_epoch=t.start_epoch, tensorboard=True)
 
     milestones = sp.milestones()
     batches = stop.batches(t.train_loader)  # ends the epoch's iteration early once a stop is requested
     saved = (t.start_epoch, t.resumed_from) if t.resumed_from else None  # (epochs, path) a resume continues from
 
-    def stopped(epoch: int, step: int, written: bool) -> signals.Stopped:
-        message = signals.stop_message(stop.requested or "SIGTERM", epoch=epoch, step=step, written=written,
-                                       checkpoint=saved[1] if saved else None, checkpoint_epoch=saved[0] if saved else 0,
-                                       explicit_resume=tcfg.resume)
-        if main:
-            log.info("%s", message)
-        logger.close()
-        return signals.Stopped(message, stop.requested or "SIGTERM", stop.exit_code or 143)
+    def stopped(epoch: int, step: int, written: bool) -> Stopped:
+        return run.stopped(epoch=epoch, step=step, written=written, checkpoint=saved[1] if saved else None,
+                           checkpoint_epoch=saved[0] if saved else 0, explicit_resume=tcfg.resume)
 
     eval_args = dict(device=t.device, amp_dtype=t.amp_dtype, channels_last=tcfg.channels_last,
                      max_steps=tcfg.max_eval_steps)
@@ -288,13 +258,14 @@ def _fit(t: Training, stop: signals.GracefulStop) -> dict[str, Any]:
                 epoch=epoch, epochs=t.epochs, steps=t.steps, device=t.device, scaler=t.scaler,
                 amp_dtype=t.amp_dtype, mixup=t.mixup, ema=t.ema, clip_grad=tcfg.clip_grad,
                 channels_last=tcfg.channels_last, log_interval=tcfg.log_interval,
-                log_step=lambda v, s: logger.scalars(v, s, prefix="train/"), progress=main and tcfg.progress,
+                log_step=lambda v, s: run.record.scalars(v, s, prefix="train/"), progress=main and tcfg.progress,
             )  # fmt: skip
             if stop.agreed() and batches.taken < t.steps:  # stopped inside the epoch: drop the partial epoch
                 raise stopped(epoch + 1, batches.taken, written=False)
             if stats["train_images"] == 0:  # every image unreadable: nothing was trained
                 raise DataError(f"epoch {epoch + 1} had no readable training image ({stats['train_skipped']} "
                                 f"unreadable): check data.root")
+            run.started = True
             distributed.broadcast_buffers(t.model)  # the sharded evaluation and the checkpoint see rank 0's BN stats
             stats |= evaluate(t.model, t.val_loader, **eval_args)
             if stats["val_images"] == 0:
@@ -303,16 +274,15 @@ def _fit(t: Training, stop: signals.GracefulStop) -> dict[str, Any]:
             if t.ema is not None:
                 stats["ema_top1"] = evaluate(t.ema.module, t.val_loader, **eval_args)["top1"]
             stats["seconds"] = time.perf_counter() - t0
-            t.last = {"epoch": epoch + 1, **stats, "skipped": stats["train_skipped"] + stats["val_skipped"]}
-            t.last |= sparsity_scalars(sp)
-            logger.epoch(t.last)
-            logger.scalars({k: v for k, v in t.last.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
+            done = epoch + 1
+            t.last = {"epoch": done, "step": done * t.steps, **stats,
+                      "skipped": stats["train_skipped"] + stats["val_skipped"], **sparsity_scalars(sp)}
+            run.record.append(t.last)
             if main:
                 density = f"  density {t.last['sparsity/density']:.3f}" if "sparsity/density" in t.last else ""
-                log.info("epoch %d/%d: loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s  %.1fs", epoch + 1, t.epochs,
+                log.info("epoch %d/%d: loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s  %.1fs", done, t.epochs,
                          stats["train_loss"], stats["top1"], stats["top5"], stats["lr"], density, stats["seconds"])
 
-            done = epoch + 1
             keep = [name for name, at in milestones.items() if at == done]
             stopping = stop.agreed()  # a stop after the epoch's last step: save this whole epoch, then stop
             if done % tcfg.ckpt_interval == 0 or done == t.epochs or keep or stopping:
@@ -329,15 +299,9 @@ def _fit(t: Training, stop: signals.GracefulStop) -> dict[str, Any]:
     ckpt = t.state(t.epochs)
     if main:
         checkpoint.save(ckpt, t.run_dir / "last.pt")
-    logger.close()
-
-    result = {"top1": t.last.get("top1"), "top5": t.last.get("top5"), **sparsity_scalars(sp), "run_dir": str(t.run_dir)}
-    if main:
-        scalars = "  ".join(f"{k.removeprefix('sparsity/')} {v:.4f}" for k, v in sparsity_scalars(sp).items())
-        top1 = f"{result['top1']:.2f}%" if result["top1"] is not None else "n/a"
-        log.info("done: top-1 %s  |  sparsity: %s  |  run dir: %s", top1, scalars or "n/a", t.run_dir)
-    distributed.barrier()
-    return result
+    top1 = t.last.get("top1")
+    return run.done(f"top-1 {top1:.2f}%" if top1 is not None else "top-1 n/a",
+                    {"top1": top1, "top5": t.last.get("top5"), **sparsity_scalars(sp)})
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -35,11 +35,16 @@ from lbc.io import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
-__all__ = ["METRICS_FILE", "MetricsError", "MetricsRecord", "last_metrics", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsError", "MetricsRecord", "last_metrics", "read_metrics", "sparsity_scalars"]
 
 
 class MetricsError(ValueError):
     """A ``metrics.jsonl`` line that is not a record; ``str()`` is one line naming the line."""
+
+
+def sparsity_scalars(method: Any) -> dict[str, float]:
+    """The sparsity method's report scalars under their record keys, ``sparsity/<name>``."""
+    return {f"sparsity/{k}": float(v) for k, v in method.report().get("scalars", {}).items()}
 
 
 def _plain(value: Any) -> Any:

@@ -210,13 +210,15 @@ def test_lbc_map_rises_backbone_ends_2_4_scores_freeze(kind: str, map_shapes: Pa
     lines = metrics(work)
     assert [ln["epoch"] for ln in lines] == list(range(epochs + 1))  # the untrained line, then one per epoch
     for ln in lines:
-        assert {"coco/bbox_mAP", "density", "exact_nm", "train_flops_ratio", "alive_per_group"} <= ln.keys()
+        assert {"coco/bbox_mAP", "sparsity/density", "sparsity/exact_nm", "sparsity/train_flops_ratio",
+                "sparsity/alive_per_group"} <= ln.keys()
     keys = ["coco/bbox_mAP", "coco/bbox_mAP_50"] + (["coco/segm_mAP", "coco/segm_mAP_50"] if kind == "mask" else [])
     trained = lines[-1]
     print(kind, {k: (untrained[k], trained[k]) for k in keys})
     for key in keys:
         assert trained[key] >= 5 * untrained[key] + 0.01, (key, untrained[key], trained[key])
-    assert lines[0]["alive_per_group"] == 6 and trained["alive_per_group"] == 1 and trained["exact_nm"] == 1
+    assert lines[0]["sparsity/alive_per_group"] == 6 and trained["sparsity/alive_per_group"] == 1
+    assert trained["sparsity/exact_nm"] == 1
     assert_backbone_nm(runner)
 
     # after t_f the scores are frozen (no gradient, unchanged) and training went on (weights moved)
@@ -345,7 +347,7 @@ work_dir = {str(tmp_path / 'run')!r}
     log = proc.stdout + proc.stderr
     assert "sparsity/alive_per_group" in log and "sparsity lbc 2:4 at epoch 1:" in log
     lines = metrics(tmp_path / "run")
-    assert len(lines) == 1 and lines[0]["exact_nm"] == 1.0 and "coco/bbox_mAP" in lines[0]
+    assert len(lines) == 1 and lines[0]["sparsity/exact_nm"] == 1.0 and "coco/bbox_mAP" in lines[0]
     with mmengine_safe_globals():
         saved = torch.load(tmp_path / "run" / "epoch_1.pth", weights_only=True)
     assert saved["lbc_sparsity"]["removed"] == 5

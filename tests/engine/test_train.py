@@ -11,7 +11,7 @@ import lbc.engine.trainer as trainer
 from lbc.engine import checkpoint
 from tests.helpers import assert_same_state
 
-REQUIRED = {"epoch", "train_loss", "top1", "top5", "lr", "seconds", "skipped"}
+REQUIRED = {"epoch", "step", "train_loss", "top1", "top5", "lr", "seconds", "skipped"}
 
 
 def params(run_dir):
@@ -70,7 +70,7 @@ def test_run_dir_contents_and_metrics(make_config, tmp_path):
     assert len(lines) == cfg.schedule.epochs
     for epoch, line in enumerate(lines, start=1):
         record = json.loads(line)
-        assert REQUIRED <= record.keys() and record["epoch"] == epoch
+        assert REQUIRED <= record.keys() and record["epoch"] == epoch and record["step"] == epoch * 3  # smoke: 3 a epoch
         assert 0 <= record["top1"] <= record["top5"] <= 100 and record["skipped"] == 0
         assert "sparsity/density" in record and "ema_top1" in record
     ckpt = checkpoint.load(run_dir / "last.pt")

@@ -2,9 +2,9 @@
 run_dir values a run refuses, with real processes and real directories.
 
 Tests marked ``INTEGRATION`` in their docstring go through ``lbc.engine.trainer.run`` or the
-``lbc-train`` console script and need ``rundir.claim`` in ``trainer.build`` and the
+``lbc-train`` console script and need ``Run.claim`` (``lbc.run.lifecycle``) in ``trainer.build`` and the
 ``rundir.check_argv`` / ``rundir.remove_if_unused`` calls in ``lbc/cli/train.py``; the others test
-``lbc.engine.rundir`` itself.
+``lbc.run.rundir`` itself.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 import lbc.engine.trainer as trainer
-from lbc.engine import rundir
 from lbc.errors import ConfigError
+from lbc.run import rundir
 from tests.helpers import PYTHON, ROOT, TINY
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
@@ -31,7 +31,7 @@ LBC_TRAIN = str(Path(sys.executable).with_name("lbc-train"))
 
 HOLD = """
 import sys, time
-from lbc.engine import rundir
+from lbc.run import rundir
 lock = rundir.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)
@@ -192,7 +192,7 @@ def read_only_dir(tmp_path):
 def test_check_usable_refuses_a_directory_without_write_permission(read_only_dir, sub, expected):
     ro, prefix = read_only_dir
     target = ro / sub if sub else ro
-    code = ("import sys\nfrom lbc.engine import rundir\nfrom lbc.errors import ConfigError\n"
+    code = ("import sys\nfrom lbc.run import rundir\nfrom lbc.errors import ConfigError\n"
             "try:\n    rundir.check_usable(sys.argv[1])\nexcept ConfigError as e:\n    print(e)\n    sys.exit(2)\n")
     proc = subprocess.run([*prefix, PYTHON, "-c", code, str(target)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=120)
@@ -261,7 +261,7 @@ def test_trainer_refuses_a_run_dir_in_use_and_runs_once_it_is_free(make_config, 
 @pytest.mark.parametrize("value, expected", [(".", "current directory"), ("a_file", "is an existing file"),
                                              ("/proc/lbc_run", "is under /proc")])
 def test_trainer_refuses_unusable_run_dirs(make_config, tmp_path, monkeypatch, value, expected):
-    """INTEGRATION: trainer.build checks run_dir (rundir.claim)."""
+    """INTEGRATION: trainer.build checks run_dir (Run.claim)."""
     monkeypatch.chdir(tmp_path)  # run_dir=. must never mean the checkout
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ConfigError) as err:

@@ -2,9 +2,9 @@
 exit 143/130, a checkpoint that resumes bit for bit; a second signal ends the process at once.
 
 Tests marked ``INTEGRATION`` in their docstring run the trainer (``lbc.engine.trainer.run``, or the
-``lbc-train`` console script in a subprocess) and need ``signals.GracefulStop`` in ``trainer.fit``
-and the ``signals.Stopped`` handler in ``lbc/cli/train.py``; the others test
-``lbc.engine.signals`` itself.
+``lbc-train`` console script in a subprocess) and need the run's ``signals.GracefulStop`` in
+``trainer.fit`` and the ``signals.Stopped`` handler in ``lbc/cli/train.py``; the others test
+``lbc.run.signals`` itself.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 import lbc.engine.trainer as trainer
-from lbc.engine import checkpoint, rundir, signals
-from lbc.engine.signals import GracefulStop, Stopped, UntilStopped, stop_message
+from lbc.engine import checkpoint
+from lbc.run import rundir, signals
+from lbc.run.signals import GracefulStop, Stopped, UntilStopped, stop_message
 from tests.helpers import PYTHON, ROOT, TINY, assert_same_state, compose_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
@@ -30,7 +31,7 @@ LBC_TRAIN = str(Path(sys.executable).with_name("lbc-train"))
 
 WAIT_FOR_SIGNALS = """
 import time
-from lbc.engine.signals import GracefulStop
+from lbc.run.signals import GracefulStop
 with GracefulStop() as stop:
     print("ready", flush=True)
     while stop.requested is None:

@@ -12,8 +12,8 @@ would open a race between a releasing and two acquiring runs). Forked children (
 workers) close their inherited descriptor at once, so only the holding process keeps the lock.
 Works on local file systems and on NFS (Linux emulates ``flock`` with NFS byte-range locks).
 
-Under ``torchrun`` only rank 0 takes the lock, after the ranks agreed on one ``run_dir``; the
-other ranks learn rank 0's verdict (:func:`claim` does both), so a refused run stops on every rank.
+Under ``torchrun`` the ranks first agree on rank 0's ``run_dir`` (:func:`share`); only rank 0 takes the
+lock, the other ranks learn its verdict (:func:`claim` does both), so a refused run stops on every rank.
 """
 
 from __future__ import annotations
@@ -203,11 +203,23 @@ def acquire(run_dir: str | os.PathLike[str], *, create: bool = True) -> RunDirLo
     return RunDirLock(run_dir, fd)
 
 
+def share(run_dir: str) -> str:
+    """Rank 0's run dir on every rank (``${now:...}`` may differ by a second between ranks); collective
+    under torchrun. A rank whose Hydra made a different, fresh directory removes it."""
+    from lbc.engine import distributed  # torch: imported only where a run needs it
+
+    chosen = distributed.broadcast_object(run_dir)
+    own = Path(run_dir)
+    if chosen != run_dir and own.is_dir() and {p.name for p in own.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(own, ignore_errors=True)
+    return chosen
+
+
 def claim(run_dir: str | os.PathLike[str]) -> RunDirLock | None:
     """:func:`check_usable` and :func:`acquire` on rank 0 (or the only process); every rank raises
     rank 0's ConfigError if it refused, so all of them stop. Returns the lock on rank 0, None elsewhere.
 
-    Call after the ranks agreed on ``run_dir`` (``trainer.share_run_dir``); collective under torchrun.
+    Call after the ranks agreed on ``run_dir`` (:func:`share`); collective under torchrun.
     """
     from lbc.engine import distributed  # torch: imported only where a run needs it
 

@@ -1,0 +1,150 @@
+"""The run lifecycle every task goes through, written once: :class:`Run`.
+
+A task's runner (classification: :mod:`lbc.engine.trainer`; detection: :mod:`lbc.detection.runner`)
+builds and trains what is its own and calls these steps, top to bottom::
+
+    run = Run.claim(cfg)                        # the ranks share rank 0's run_dir; rank 0 checks and locks it
+    with run:                                   # closing gives it back; a failed start leaves nothing behind
+        ...                                     # the task builds (and checks a resume)
+        run.begin(device, "3 epochs x 10 steps", resumed_from=ckpt, resumed_epoch=2)
+        with run.stop:                          # SIGTERM / a first Ctrl-C only ask (signals.GracefulStop)
+            ...                                 # the task trains: run.started = True after its first step,
+            run.record.append({...})            # one record per evaluation (lbc.run.records: the schema),
+            raise run.stopped(epoch=..., ...)   # and on a stop the one line and signals.Stopped
+        return run.done("top-1 55.00%", result) # the done line; every rank waits for the others
+
+What a new task supplies: its build and train, the schedule phrase of the start line and the
+headline of the done line (its metrics in a few words).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lbc.engine import distributed
+from lbc.run import rundir
+from lbc.run.records import MetricsRecord
+from lbc.run.signals import GracefulStop, Stopped, stop_message
+
+log = logging.getLogger("lbc")
+
+CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its run directory
+
+__all__ = ["CONFIG_FILE", "Run", "done_line", "start_line"]
+
+
+def start_line(cfg: DictConfig, device: Any, schedule: str, resumed_from: str | Path | None = None,
+               resumed_epoch: int | None = None) -> str:
+    """``lbc: <model> on <data>, sparsity <method>, <device>, <K> process(es), <schedule>[, resuming from
+    <ckpt> at epoch <n>]; run dir <run_dir>``: what a run logs when it begins."""
+    where = ""
+    if resumed_from:
+        where = f", resuming from {resumed_from}" + (f" at epoch {resumed_epoch}" if resumed_epoch is not None else "")
+    return (f"lbc: {cfg.model.name} on {cfg.data.name}, sparsity {cfg.sparsity.method}, {device}, "
+            f"{distributed.world_size()} process(es), {schedule}{where}; run dir {cfg.run_dir}")
+
+
+def done_line(headline: str, result: Mapping[str, Any]) -> str:
+    """``done: <headline>  |  sparsity: <name> <value> ...  |  run dir: <run_dir>``: what a finished run logs."""
+    scalars = "  ".join(f"{k.removeprefix('sparsity/')} {v:.4f}" for k, v in result.items() if k.startswith("sparsity/"))
+    return f"done: {headline}  |  sparsity: {scalars or 'n/a'}  |  run dir: {result['run_dir']}"
+
+
+class Run:
+    """One training run in its claimed run directory (rank 0 holds ``<run_dir>/.lock`` until :meth:`close`).
+
+    ``stop`` is the run's :class:`~lbc.run.signals.GracefulStop` (enter it around training); ``record``
+    its metrics writer (rank 0; open from :meth:`begin`); ``started``: the task sets it once a training
+    step has finished, so that a failure before it counts as a failed start.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, lock: rundir.RunDirLock | None) -> None:
+        self.cfg, self.run_dir, self.lock = cfg, run_dir, lock
+        self.is_main = distributed.is_main()
+        self.stop = GracefulStop()
+        self.record = MetricsRecord(run_dir, enabled=False)
+        self.started = False
+        self._found = {p.name for p in run_dir.iterdir()} if self.is_main and run_dir.is_dir() else set()
+
+    @classmethod
+    def claim(cls, cfg: DictConfig) -> Run:
+        """Take ``cfg.run_dir`` for this run (collective under torchrun, after ``distributed.init``): every
+        rank uses rank 0's directory (written back into ``cfg.run_dir``), which rank 0 checks and locks;
+        a directory that is unusable or held by a live run is one ConfigError line on every rank."""
+        run_dir = Path(rundir.share(str(cfg.run_dir)))
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+        return cls(cfg, run_dir, rundir.claim(run_dir))
+
+    def begin(self, device: Any, schedule: str, *, resumed_from: str | Path | None = None,
+              resumed_epoch: int | None = 0, tensorboard: bool = False) -> None:
+        """The run begins (rank 0 writes): ``config.yaml`` (resolved), the metrics record opened with the
+        records after ``resumed_epoch`` dropped (written after the checkpoint resumed from; None: unknown,
+        keep them), the start line. ``tensorboard``: the record writes TensorBoard events too."""
+        self.record = MetricsRecord(self.run_dir, enabled=self.is_main, tensorboard=tensorboard)
+        if not self.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        if resumed_epoch is not None:
+            self.record.truncate_after(resumed_epoch)
+        log.info("%s", start_line(self.cfg, device, schedule, resumed_from, resumed_epoch))
+
+    def stopped(self, *, epoch: int, step: int, written: bool, checkpoint: str | Path | None,
+                checkpoint_epoch: int = 0, explicit_resume: str | None = None) -> Stopped:
+        """The :class:`~lbc.run.signals.Stopped` to raise after a stop at ``epoch`` (1-based) ``step``, its
+        one line logged (rank 0): see :func:`~lbc.run.signals.stop_message` for the arguments."""
+        name = self.stop.requested or "SIGTERM"
+        message = stop_message(name, epoch=epoch, step=step, written=written, checkpoint=checkpoint,
+                               checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume)
+        if self.is_main:
+            log.info("%s", message)
+        self.record.close()
+        return Stopped(message, name, self.stop.exit_code or 143)
+
+    def done(self, headline: str, result: Mapping[str, Any]) -> dict[str, Any]:
+        """``result`` with ``run_dir``, after the done line (rank 0, ``headline``: the task's final metrics
+        in a few words; the ``sparsity/<name>`` entries follow it); every rank waits for the others."""
+        out = {**result, "run_dir": str(self.run_dir)}
+        self.record.close()
+        if self.is_main:
+            log.info("%s", done_line(headline, out))
+        distributed.barrier()
+        return out
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Give the run directory back (twice: a no-op). After ``error`` before :attr:`started` (a failed
+        start; a stop is not one), rank 0 first removes what this run added to the directory (config.yaml,
+        logs, events), so that ``lbc-train`` can remove a directory that holds nothing else
+        (:func:`~lbc.run.rundir.remove_if_unused`)."""
+        if error is not None and not isinstance(error, Stopped) and not self.started and self.is_main:
+            self._remove_added()
+        self.record.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def _remove_added(self) -> None:
+        if not self.run_dir.is_dir():
+            return
+        for p in self.run_dir.iterdir():
+            if p.name in self._found or p.name in rundir.BOOKKEEPING:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        self.close(error)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.run_dir)!r}, started={self.started})"

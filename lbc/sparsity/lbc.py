@@ -24,18 +24,20 @@ at 2/3 of the epochs (their DeiT recipe), ``freeze_scores=False`` (their DeiT sc
   Ties go to the lower candidate index, as in ``paper`` mode.
 
 ``freeze_scores`` (default True) says what the scores do once one candidate is left in every
-group (from ``t_f`` on). True: they stop training (no gradient, so no optimizer update or weight
-decay either), as the authors' ResNet script does; in both removal modes the mask then never
-changes again, so this only saves their work. False: they keep training, as the authors' DeiT
-script does (AdamW keeps updating and decaying them); what that can change depends on ``removal``:
+group (Eq. 6's count at C - 1: at ``t_f`` with released rounding, with the paper's ceil often some
+epochs before, e.g. from epoch 25 of t_f = 60 for 2:4). True: they stop training (no gradient, so
+no optimizer update or weight decay either), as the authors' ResNet script does; in both removal
+modes the mask then never changes again, so this only saves their work. False: they keep
+training, as the authors' DeiT script does (AdamW keeps updating and decaying them); what that can
+change depends on ``removal``:
 
 - ``paper``: nothing but the scores. Removal is final, the one alive candidate of every group is
   its survivor for good, and only the survivor's score gets a gradient; the model is the same as
   with frozen scores (the scores' values and optimizer state in checkpoints differ).
 - ``released``: the survivor. Before every step the alive candidate is re-chosen as the top-1 by
-  signed score and the others' scores are zeroed, as before ``t_f``; the alive score still learns
-  and decays, and optimizer momentum can move a zeroed score above it, so a group's survivor (its
-  N kept weights) can change at any step after ``t_f``. The model stays exactly N:M.
+  signed score and the others' scores are zeroed, as at every step before; the alive score still
+  learns and decays, and optimizer momentum can move a zeroed score above it, so a group's survivor
+  (its N kept weights) can change at any later step. The model stays exactly N:M.
 
 ``t_i == t_f`` (Table 5's (0, 0) row: N:M from the first step) is our decision, documented here
 because the released code cannot run it (it divides by ``t_f - t_i``):
@@ -107,7 +109,7 @@ class LBCOptions(SparsityOptions):
     score_weight_decay: float | None = None  # None: the optimizer's weight decay (as released)
     criterion: str = "score"  # Table 6: score | score_inverse | magnitude | gradient
     removal: str = "paper"  # paper: removal is final (alive set) | released: signed-score top-k every step
-    freeze_scores: bool = True  # after t_f (released ResNet script) | false: keep training them (released DeiT script)
+    freeze_scores: bool = True  # once one candidate is left (released ResNet script) | false: train on (DeiT script)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -299,7 +301,7 @@ class LBC(SparsityMethod):
         # t_i == t_f under released removal: every score keeps learning and choosing (module docstring).
         self.reselect_all = self.removal == "released" and self.t_i == self.t_f
         # whether the learned scores stop training once one candidate is left (module docstring)
-        self.scores_freeze = self.freeze_scores and not self.reselect_all
+        self.freeze_when_final = self.freeze_scores and not self.reselect_all
         self.score_weight_decay = options.score_weight_decay
         pattern = parse_pattern(options.pattern)
         self.score_init = _score_init(options.score_init, pattern)
@@ -375,7 +377,7 @@ class LBC(SparsityMethod):
     def _reselect(self, target: int) -> None:
         """``removal="released"``: re-choose every layer's alive set by score at count ``target``."""
         final = target >= self.pattern.num_candidates - 1
-        if self._settled and final and self.scores_freeze:
+        if self._settled and final and self.freeze_when_final:
             return  # frozen scores choose the same candidates at every step
         changed = False
         for state in self._states():
@@ -405,7 +407,7 @@ class LBC(SparsityMethod):
         # Only scores this method froze are ever unfrozen: scores someone else froze (mmdet's
         # frozen_stages turns off every parameter of a stage) stay as they were left.
         at_end = self.removed >= self.pattern.num_candidates - 1
-        learning = self.criterion in LEARNED_CRITERIA and not (at_end and self.scores_freeze)
+        learning = self.criterion in LEARNED_CRITERIA and not (at_end and self.freeze_when_final)
         for scores in self.score_parameters():
             if learning:
                 if id(scores) in self._frozen_scores:

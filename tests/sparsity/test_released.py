@@ -399,6 +399,6 @@ def test_the_deit_presets_released_recipe_composes_with_unfrozen_scores():
                                     "run_dir=/tmp/x"]))["sparsity"].freeze_scores is True  # the default: unchanged
     sp = lbc.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), **{**vars(options), "exclude": []})
     sp.update(250)
-    assert sp.scores_freeze is False and all(s.requires_grad for s in sp.score_parameters())
+    assert sp.freeze_when_final is False and all(s.requires_grad for s in sp.score_parameters())
     with pytest.raises(ConfigError, match="sparsity.freeze_scores"):
         lbc.sparsify(nn.Linear(8, 4), method="lbc", t_f=2, freeze_scores="no")

@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from timm.data.distributed_sampler import RepeatAugSampler
 
 import lbc
 from lbc.config import per_process_batch, scaled_lr, validate
-from lbc.engine import checkpoint, trainer
+from lbc.engine import trainer
 from lbc.engine.optim import phase_lengths
 from lbc.errors import ConfigError, DataError
 from lbc.models import build_model
+from lbc.run.resume import check_resume
 from tests.data.test_folder import make_tree
 from tests.helpers import CONFIGS, ROOT, TINY, compose_config
 
@@ -302,7 +303,8 @@ def test_auto_scale_lr_scales_a_digits_run_and_a_resume_refuses_changing_it(tmp_
     t = trainer.build(compose_config([*TINY, "trainer.auto_scale_lr=64", f"run_dir={tmp_path}"]))
     t.release()
     assert t.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.1 * 16 / 64)
-    with pytest.raises(ConfigError, match="changed trainer.auto_scale_lr cannot be honoured"):
-        checkpoint.resume_policy(["trainer.auto_scale_lr"])
+    saved = OmegaConf.to_container(compose_config([*TINY, f"run_dir={tmp_path}"]), resolve=True)
+    with pytest.raises(ConfigError, match=r"changed trainer.auto_scale_lr \(None -> 64\) cannot be honoured"):
+        check_resume(saved, compose_config([*TINY, "trainer.auto_scale_lr=64", f"run_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"schedule.min_lr=0.05 is above the scaled lr 0.025"):
         trainer.build(compose_config([*TINY, "trainer.auto_scale_lr=64", "schedule.min_lr=0.05", f"run_dir={tmp_path}"]))

@@ -35,15 +35,11 @@ from lbc.engine import distributed
 from lbc.errors import ConfigError
 from lbc.run.lifecycle import CONFIG_FILE, Run
 from lbc.run.records import last_metrics, sparsity_scalars
+from lbc.run.resume import check_resume
 from lbc.run.signals import AGREE_EVERY, Stopped
 
 __all__ = ["prepare_data", "run"]
 
-# Config keys a resumed detection run may change (besides what lbc.engine.checkpoint ignores anyway):
-# where the data is and how it is read, evaluation, logging and checkpoint cadence, the device.
-RESUME_ALLOWED = ("data.root", "data.num_workers", "data.val_batch_size", "trainer.val_interval",
-                  "trainer.log_interval", "trainer.checkpoint_interval", "trainer.max_keep_checkpoints",
-                  "trainer.progress", "trainer.device")
 METRICS = ("bbox_mAP", "segm_mAP")
 
 
@@ -94,19 +90,15 @@ def _check_inputs(typed: Mapping[str, Any]) -> None:
                               "of a checkpoint converted with tools/convert_backbone.py)")
 
 
-def _check_resume(run_dir: Path, current: dict[str, Any]) -> Path | None:
+def _check_resume(run_dir: Path, cfg: DictConfig) -> Path | None:
     """The checkpoint this run resumes from (None: a fresh start), after refusing in one line a config
-    change a resume cannot honour (the run dir's config.yaml against this run's)."""
-    from lbc.engine.checkpoint import compare_config, resume_policy
-
+    change a resume cannot honour (the run dir's config.yaml against this run's; each key's rule is
+    declared beside its field in lbc/config/detection.py)."""
     ckpt = checkpoint_in(run_dir)
     saved_file = run_dir / CONFIG_FILE
     if ckpt is None or not saved_file.is_file():
         return ckpt
-    saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
-    changed = [k for k in compare_config(saved, current)
-               if not any(k == a or k.startswith(f"{a}.") for a in RESUME_ALLOWED)]
-    resume_policy(changed, saved, current, key="run_dir", path=ckpt)
+    check_resume(OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False), cfg, key="run_dir", path=ckpt)
     return ckpt
 
 
@@ -232,7 +224,7 @@ def _train(run: Run, typed: Mapping[str, Any], device: str) -> dict[str, Any]:
     _check_inputs(typed)
     mm = to_mmengine(cfg, typed)  # model.cfg_options and the groups' values checked before any data is written
     prepare_data(typed["data"])
-    resume_from = _check_resume(run_dir, OmegaConf.to_container(cfg, resolve=True))
+    resume_from = _check_resume(run_dir, cfg)
     run.begin(device, f"{cfg.schedule.epochs} epochs", resumed_from=resume_from,
               resumed_epoch=_epoch_of(resume_from) if resume_from else 0)
     control = _control_hook(run)

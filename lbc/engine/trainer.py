@@ -38,6 +38,7 @@ from lbc.io import load_model_weights
 from lbc.models import build_model
 from lbc.run.lifecycle import Run
 from lbc.run.records import sparsity_scalars
+from lbc.run.resume import check_resume
 from lbc.run.signals import GracefulStop, Stopped
 
 log = logging.getLogger("lbc")
@@ -114,7 +115,7 @@ class Training:
         ckpt = checkpoint.load(path, key)
         checkpoint.check_compatible(ckpt, self.sparsity.state_dict(), key, path, model_state=self.model.state_dict(),
                                     optimizer_state=self.optimizer.state_dict())
-        changed = checkpoint.check_resume(ckpt, OmegaConf.to_container(self.cfg, resolve=True), key=key, path=path)
+        changed = check_resume(ckpt.get("config") or {}, self.cfg, epoch=int(ckpt["epoch"]), key=key, path=path)
         if changed:
             log.info("resuming with changed %s (a resume honours these)", ", ".join(changed))
         self.model.load_state_dict(ckpt["model"])

@@ -176,7 +176,7 @@ def test_a_checkpoint_from_a_schema_without_a_new_key_resumes(tmp_path, monkeypa
     ckpt = torch.load(run / "last.pt", weights_only=True)
     del ckpt["config"]["sparsity"]["removal"], ckpt["config"]["data"]["loader"]["global_batch_size"]
     torch.save(ckpt, run / "last.pt")
-    with pytest.raises(ConfigError, match="changed schedule.epochs"):  # control: a refused key still refuses
+    with pytest.raises(ConfigError, match=r"changed .*schedule.epochs \(1 -> 2\)"):  # control: still refused
         trainer.build(compose_config(overrides)).release()
 
     # a field added to the trainer schema after the checkpoint was written (default: the old behaviour)

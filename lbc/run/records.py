@@ -19,8 +19,7 @@ Reading: a missing file is no record yet (``[]``). A line that is not a JSON obj
 ``epoch`` raises :class:`MetricsError` (one line naming it, e.g. ``metrics.jsonl line 3 is not JSON``)
 rather than being skipped: a table built from a quietly shortened record would be wrong without
 saying so. The writer never leaves such a line, except a torn last line when the process was killed
-while appending; that line belongs to an epoch after the last checkpoint, and the resume that follows
-drops it (:meth:`MetricsRecord.truncate_after`).
+while appending; the resume that follows drops it (:meth:`MetricsRecord.truncate_after`).
 """
 
 from __future__ import annotations

@@ -321,11 +321,13 @@ class _Tee(io.TextIOBase):
 def run_in_process(run: Run, quiet: bool) -> Outcome:
     """``lbc-train`` in this process (no interpreter start-up per run); its output goes to
     ``run_dir/output.log`` (and the console unless ``quiet``)."""
+    from lbc.cli import train  # torch and Hydra: imported only when a run trains here
+
     out, err = _Tee(sys.stdout, quiet), _Tee(sys.stderr, quiet)
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            _train_main(run.train_args())
+            train.main(run.train_args())
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except KeyboardInterrupt:
@@ -336,27 +338,6 @@ def run_in_process(run: Run, quiet: bool) -> Outcome:
     with contextlib.suppress(OSError), open(run.run_dir / "output.log", "a") as f:
         f.write(out.buffer_.getvalue() + err.buffer_.getvalue())
     return Outcome(code, _error_line(err.buffer_.getvalue()) if code else "")
-
-
-def _train_main(argv: list[str]) -> None:
-    """``lbc-train argv`` in this process: ``lbc.cli.train.main(argv)``.
-
-    ADAPTER, to go once ``lbc.cli.train.main`` takes its arguments (``main(argv: Sequence[str] | None
-    = None)``, None meaning ``sys.argv[1:]``): until then its ``sys.argv`` is set for the call and restored.
-    """
-    import inspect
-
-    from lbc.cli import train
-
-    if "argv" in inspect.signature(train.main).parameters:
-        train.main(argv)
-        return
-    saved = sys.argv
-    sys.argv = ["lbc-train", *argv]
-    try:
-        train.main()
-    finally:
-        sys.argv = saved
 
 
 def run_child(cmd: Sequence[str], run_dir: Path, quiet: bool) -> Outcome:

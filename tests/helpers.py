@@ -34,19 +34,16 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
-    """``lbc-train args`` in this process: (exit status, stdout, stderr). Patches and restores sys.argv."""
+    """``lbc-train args`` in this process (``lbc.cli.train.main(args)``): (exit status, stdout, stderr)."""
     from lbc.cli import train as cli
 
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    out, err = io.StringIO(), io.StringIO()
     code = 0
-    sys.argv = ["lbc-train", *args]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
+            cli.main(list(args))
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
     return code, out.getvalue(), err.getvalue()
 
 

@@ -18,11 +18,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import hydra
 from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -158,25 +157,41 @@ def _interrupted(err: KeyboardInterrupt) -> None:
     fail(f"stopped by {name} before training started; nothing was written (run the same command again)", status)
 
 
-def main() -> None:
-    """The ``lbc-train`` console script."""
+def _hydra_main(task: Callable[[DictConfig], None], argv: list[str]) -> None:
+    """What ``@hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")`` runs, on ``argv``
+    instead of ``sys.argv`` (Hydra's decorator parses ``sys.argv`` and has no other input)."""
+    from hydra import version
+    from hydra._internal.utils import _run_hydra
+
+    version.setbase("1.3")
+    parser = get_args_parser()
+    _run_hydra(args=parser.parse_args(argv), args_parser=parser, task_function=task, config_path=CONFIGS,
+               config_name="train")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``lbc-train`` console script, on ``argv`` (its arguments; None: ``sys.argv[1:]``).
+
+    Exits through ``SystemExit`` with the run's status, as the console script does; scripts call it
+    with their arguments instead of editing ``sys.argv``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        rundir.check_argv(sys.argv[1:])  # run_dir='' and the like: refused before Hydra creates anything there
-        overrides = _overrides(sys.argv[1:])
+        rundir.check_argv(argv)  # run_dir='' and the like: refused before Hydra creates anything there
+        overrides = _overrides(argv)
     except ConfigError as e:
         fail(str(e))
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # the loop has its own
     raising = _HydraRaises()
 
-    @hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")
     def task(cfg: DictConfig) -> None:
         with raising.job():
             run_job(cfg)
 
     try:
         with raising:
-            task()
+            _hydra_main(task, argv)
     except Exception as e:  # noqa: BLE001  (before a job starts, an error is about the command line or config)
         if raising.in_job or raising.user == "1":  # a job's own error, or the user asked for Hydra's full trace
             raise

@@ -174,8 +174,8 @@ def test_detection_records_have_the_same_schema(tmp_path: Path) -> None:
     import lbc
     from lbc.detection.hook import SparsityHook
 
-    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Flatten(), nn.LazyLinear(4))
-    model(torch.zeros(1, 8, 6, 6))
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.zeros(1, 8, 8, 8))  # the stem and the classifier stay dense by default: the middle conv is 2:4
     sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_i=0, t_f=1)
     runner = SimpleNamespace(model=SimpleNamespace(sparsity=sp), epoch=2, iter=40, work_dir=str(tmp_path))
     SparsityHook().after_val_epoch(runner, {"coco/bbox_mAP": 0.25, "coco/bbox_mAP_50": float("nan")})

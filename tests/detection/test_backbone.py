@@ -18,6 +18,7 @@ from torch import nn
 import lbc
 from lbc.detection.backbone import OWN, convert, describe, load_backbone, save_backbone
 from lbc.errors import ConfigError
+from lbc.sparsity.nm import NMPattern, topn_mask
 from tests.helpers import ROOT
 
 LBC = {"pattern": "2:4", "t_i": 0, "t_f": 1}
@@ -255,3 +256,51 @@ def test_convert_tool_prints_what_it_wrote_and_fails_in_one_line(lbc_ckpt, tmp_p
     code, out, err = run(str(tmp_path / "absent.pt"), "--out", str(tmp_path / "x.safetensors"))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and not out
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- what each method carries: its own hooks (SparsityMethod.carried_state / carried_mask / carry_in) ---------
+def test_asp_pruned_source_is_not_pruned_again_by_the_detector(tmp_path, caplog):
+    model, sp_cls = classification("asp", 0, pattern="2:4", dense_epochs=0)  # pruned at update(0)
+    assert sp_cls.pruned
+    ckpt = write_checkpoint(model, sp_cls, tmp_path / "last.pt")
+    payload = convert(ckpt)
+    assert payload["meta"]["state"]["pruned"] is True and "pruned True" in describe(payload)
+    det = StandIn("asp", pattern="2:4", dense_epochs=3)  # the detector's own dense phase: 3 epochs
+    with caplog.at_level(logging.INFO, logger="lbc.detection.backbone"):
+        result = load_backbone(det, ckpt)
+    assert result["masks_kept"] and result["state_carried"] and "pruned True" in caplog.text
+    sp, cls_state = det.sparsity, model.state_dict()
+    assert sp.pruned and sp.epoch == 0.0 and sp.flops.timeline[-1] == (0.0, sp.step_cost())
+    with torch.no_grad():  # the detector's weights move: a second prune would choose other masks
+        for layer in sp_cls.layers:
+            det.detector.backbone.get_submodule(layer).parametrizations.weight.original.normal_()
+    for epoch in (0, 3, 5):
+        sp.update(epoch)
+    bb = det.detector.backbone.state_dict()
+    for layer in sp_cls.layers:
+        assert torch.equal(bb[f"{layer}{OWN}mask"], cls_state[f"{layer}{OWN}mask"]), layer
+
+
+def test_srste_source_carries_the_top_n_of_its_weights_not_the_stale_buffer(tmp_path):
+    model, sp_cls = classification("srste", 0, pattern="2:4")
+    layer = next(iter(sp_cls.layers))
+    with torch.no_grad():  # an optimizer step after the last training forward: the buffer is stale
+        model.get_submodule(layer).parametrizations.weight.original.normal_()
+    ckpt = write_checkpoint(model, sp_cls, tmp_path / "last.pt")
+    stale = model.state_dict()[f"{layer}{OWN}mask"]
+    payload = convert(ckpt)
+    weight = payload["tensors"][f"{layer}.weight"]
+    assert torch.equal(payload["tensors"][f"{layer}{OWN}mask"], topn_mask(weight, NMPattern(2, 4)))
+    assert not torch.equal(payload["tensors"][f"{layer}{OWN}mask"], stale)
+    result = load_backbone(StandIn("srste", pattern="2:4"), save_backbone(payload, tmp_path / "bb.safetensors"))
+    assert result["masks_kept"] and result["state_carried"]
+
+
+def test_a_sparse_method_state_without_masks_is_a_one_line_error(dense_ckpt, tmp_path):
+    model, _ = dense_ckpt
+    for method in ("lbc", "a-method-of-another-lbc"):  # registered, or unknown here: both should hold masks
+        path = tmp_path / f"{method}.pt"
+        torch.save({"model": model.state_dict(), "sparsity": {"method": method, "pattern": "2:4"}}, path)
+        with pytest.raises(ConfigError, match="names method .* but the model holds no masks") as err:
+            convert(path)
+        one_line_naming(err, path)

@@ -28,9 +28,8 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from lbc import config as lbc_config
-from lbc.engine import distributed
 from lbc.errors import ConfigError, DataError
-from lbc.run import rundir, signals
+from lbc.run import distributed, rundir, signals
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 

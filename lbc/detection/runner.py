@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from lbc import config as lbc_config
 from lbc.detection.config import checkpoint_in, data_root, resolve_mmdet_config, to_mmengine
 from lbc.detection.shapes import check_coco_root, make_shapes_coco
-from lbc.engine import distributed
 from lbc.errors import ConfigError
+from lbc.run import distributed
 from lbc.run.lifecycle import CONFIG_FILE, Run
 from lbc.run.records import last_metrics, sparsity_scalars
 from lbc.run.resume import check_resume

@@ -30,12 +30,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import lbc
 from lbc import config as lbc_config
 from lbc.data import build_datasets, build_loader, build_mixup
-from lbc.engine import checkpoint, distributed
+from lbc.engine import checkpoint
 from lbc.engine.loop import evaluate, train_one_epoch
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, param_groups
 from lbc.errors import ConfigError, DataError
 from lbc.io import load_model_weights
 from lbc.models import build_model
+from lbc.run import distributed
 from lbc.run.lifecycle import Run
 from lbc.run.records import sparsity_scalars
 from lbc.run.resume import check_resume

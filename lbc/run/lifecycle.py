@@ -27,8 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lbc.engine import distributed
-from lbc.run import rundir
+from lbc.run import distributed, rundir
 from lbc.run.records import MetricsRecord
 from lbc.run.signals import GracefulStop, Stopped, stop_message
 

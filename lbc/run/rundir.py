@@ -206,7 +206,7 @@ def acquire(run_dir: str | os.PathLike[str], *, create: bool = True) -> RunDirLo
 def share(run_dir: str) -> str:
     """Rank 0's run dir on every rank (``${now:...}`` may differ by a second between ranks); collective
     under torchrun. A rank whose Hydra made a different, fresh directory removes it."""
-    from lbc.engine import distributed  # torch: imported only where a run needs it
+    from lbc.run import distributed  # torch: imported only where a run needs it
 
     chosen = distributed.broadcast_object(run_dir)
     own = Path(run_dir)
@@ -221,7 +221,7 @@ def claim(run_dir: str | os.PathLike[str]) -> RunDirLock | None:
 
     Call after the ranks agreed on ``run_dir`` (:func:`share`); collective under torchrun.
     """
-    from lbc.engine import distributed  # torch: imported only where a run needs it
+    from lbc.run import distributed  # torch: imported only where a run needs it
 
     lock, refused = None, None
     if distributed.is_main():

@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the tests package (not installed)
 
-from lbc.engine import distributed, trainer  # noqa: E402
+from lbc.engine import trainer  # noqa: E402
+from lbc.run import distributed  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
 
 if __name__ == "__main__":

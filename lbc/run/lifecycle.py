@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lbc.io import atomic_write
 from lbc.run import distributed, rundir
 from lbc.run.records import MetricsRecord
 from lbc.run.signals import GracefulStop, Stopped, stop_message
@@ -90,7 +91,8 @@ class Run:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        text = OmegaConf.to_yaml(self.cfg, resolve=True)
+        atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
         if resumed_epoch is not None:
             self.record.truncate_after(resumed_epoch)
         log.info("%s", start_line(self.cfg, device, schedule, resumed_from, resumed_epoch))

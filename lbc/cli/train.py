@@ -7,7 +7,8 @@ finds it while composing (an unknown key, a wrong type, a missing option) or our
 Under ``torchrun --nproc_per_node=K`` it trains with DDP.
 
 Which function runs the job is config: ``task.runner`` (``task=classification``, the default:
-``lbc.engine.trainer.run``; ``task=detection``: ``lbc.detection.runner.run``, MMDetection).
+``lbc.engine.trainer.run``; ``task=detection``: ``lbc.detection.runner.run``, MMDetection;
+``task=lm``: ``lbc.lm.runner.run``, causal language models through transformers).
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def runner(cfg: DictConfig) -> Callable[[DictConfig], Any]:
         missing = getattr(cause, "name", None) if isinstance(cause, ImportError) else None
         hint = {"mmdet": "; task=detection needs the detection extra: pip install -e '.[det]'",
                 "mmengine": "; task=detection needs the detection extra: pip install -e '.[det]'",
-                "mmcv": "; task=detection needs the detection extra: pip install -e '.[det]'"}.get(
+                "mmcv": "; task=detection needs the detection extra: pip install -e '.[det]'",
+                "transformers": "; task=lm needs the language-model extra: pip install -e '.[lm]'",
+                "tokenizers": "; task=lm needs the language-model extra: pip install -e '.[lm]'"}.get(
                     (missing or "").split(".")[0], "")
         raise ConfigError(f"task.runner={path} cannot be loaded: {' '.join(str(cause).split())}{hint}") from None
     finally:

@@ -35,6 +35,7 @@ from lbc.config.detection import (
     DetectorConfig,
     StepScheduleConfig,
 )
+from lbc.config.lm import CausalLMConfig, LMTrainerConfig, StepCosineConfig, TextDataConfig
 from lbc.config.resume import ALLOW, IGNORE, REFUSE, on_resume
 from lbc.errors import require
 from lbc.sparsity import METHODS
@@ -45,7 +46,7 @@ from lbc.sparsity import METHODS
 class TaskConfig:
     """What kind of job this is and which function runs it (``lbc-train`` calls ``task.runner(cfg)``)."""
 
-    name: str = MISSING  # classification | detection (informational: the runner is what counts)
+    name: str = MISSING  # classification | detection | lm (informational: the runner is what counts)
     runner: str = MISSING  # dotted path of run(cfg: DictConfig) -> dict of final metrics
 
     def __post_init__(self) -> None:
@@ -80,16 +81,19 @@ class TrainConfig:
 # ``defaults: [base_<option>, _self_]``; a test checks that every option file does.
 SCHEMAS: dict[str, dict[str, type]] = {
     "optim": {"sgd": SGDConfig, "adamw": AdamWConfig},
-    "schedule": {"cosine": CosineConfig, "step_1x": StepScheduleConfig},
-    "trainer": {"default": TrainerConfig, "detection": DetectionTrainerConfig},
+    "schedule": {"cosine": CosineConfig, "step_1x": StepScheduleConfig, "cosine_steps": StepCosineConfig},
+    "trainer": {"default": TrainerConfig, "detection": DetectionTrainerConfig, "lm": LMTrainerConfig},
     "data": {"digits": DigitsConfig, "imagenet": FolderConfig, "synthetic": SyntheticConfig,
-             "coco": CocoDataConfig, "coco_shapes": CocoShapesDataConfig},
+             "coco": CocoDataConfig, "coco_shapes": CocoShapesDataConfig, "pydoc_topics": TextDataConfig,
+             "text": TextDataConfig, "wikitext2": TextDataConfig, "hf_disk": TextDataConfig},
     "model": {"resnet_small": ResNetSmallConfig, "resnet18": TorchvisionModelConfig,
               "resnet50": TorchvisionModelConfig, "deit_small_patch16_224": TimmViTConfig,
               "faster_rcnn_r50_fpn": DetectorConfig, "mask_rcnn_r50_fpn": DetectorConfig,
-              "faster_rcnn_r18_fpn_shapes": DetectorConfig, "mask_rcnn_r18_fpn_shapes": DetectorConfig},
+              "faster_rcnn_r18_fpn_shapes": DetectorConfig, "mask_rcnn_r18_fpn_shapes": DetectorConfig,
+              "smollm2_135m": CausalLMConfig, "llama_tiny": CausalLMConfig, "gpt2_tiny": CausalLMConfig,
+              "llama_small": CausalLMConfig, "llama2_7b": CausalLMConfig, "hf_local": CausalLMConfig},
     "sparsity": METHODS.schemas(),  # each method's options dataclass, from the registry
-    "task": {"classification": TaskConfig, "detection": TaskConfig},
+    "task": {"classification": TaskConfig, "detection": TaskConfig, "lm": TaskConfig},
 }
 
 

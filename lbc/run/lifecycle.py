@@ -83,21 +83,24 @@ class Run:
         return cls(cfg, run_dir, rundir.claim(run_dir))
 
     def begin(self, device: Any, schedule: str, *, resumed_from: str | Path | None = None,
-              resumed_epoch: int | None = 0, tensorboard: bool = False) -> None:
+              resumed_epoch: int | None = 0, resumed_step: int | None = None, tensorboard: bool = False) -> None:
         """The run begins (rank 0 writes): ``config.yaml`` (resolved), the metrics record opened with the
         records after ``resumed_epoch`` dropped (written after the checkpoint resumed from; None: unknown,
-        keep them), the start line. ``tensorboard``: the record writes TensorBoard events too."""
+        keep them; ``resumed_step``: by step instead, for checkpoints inside an epoch), the start line.
+        ``tensorboard``: the record writes TensorBoard events too."""
         self.record = MetricsRecord(self.run_dir, enabled=self.is_main, tensorboard=tensorboard)
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = OmegaConf.to_yaml(self.cfg, resolve=True)
         atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
-        if resumed_epoch is not None:
+        if resumed_step is not None:
+            self.record.truncate_after(None, step=resumed_step)
+        elif resumed_epoch is not None:
             self.record.truncate_after(resumed_epoch)
         log.info("%s", start_line(self.cfg, device, schedule, resumed_from, resumed_epoch))
 
-    def stopped(self, *, epoch: int, step: int, written: bool, checkpoint: str | Path | None,
+    def stopped(self, *, epoch: int | None, step: int, written: bool, checkpoint: str | Path | None,
                 checkpoint_epoch: int = 0, explicit_resume: str | None = None) -> Stopped:
         """The :class:`~lbc.run.signals.Stopped` to raise after a stop at ``epoch`` (1-based) ``step``, its
         one line logged (rank 0): see :func:`~lbc.run.signals.stop_message` for the arguments."""

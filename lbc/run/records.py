@@ -131,13 +131,20 @@ class MetricsRecord:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(f"{prefix}{name}", value, step)
 
-    def truncate_after(self, epoch: int) -> None:
-        """On resume from a checkpoint after ``epoch`` epochs: drop the records of later epochs (written
-        after that checkpoint) and any line that is not a record (a torn line from a killed append)."""
+    def truncate_after(self, epoch: int | None, step: int | None = None) -> None:
+        """On resume from a checkpoint after ``epoch`` epochs (or, a task whose checkpoints fall inside an
+        epoch, after ``step`` steps): drop the records written after that checkpoint and any line that is not
+        a record (a torn line from a killed append)."""
         if not self.enabled or not self.path.is_file():
             return
         lines = _parse(self.path.read_text(encoding="utf-8"))
-        text = "".join(line + "\n" for _, line, r in lines if isinstance(r, dict) and r["epoch"] <= epoch)
+
+        def kept(r: dict[str, Any]) -> bool:
+            if step is not None:
+                return isinstance(r.get("step"), int) and r["step"] <= step
+            return epoch is None or r["epoch"] <= epoch
+
+        text = "".join(line + "\n" for _, line, r in lines if isinstance(r, dict) and kept(r))
         atomic_write(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def close(self) -> None:

@@ -62,18 +62,19 @@ def _describe(names: list[str], saved: Mapping[str, Any] | None, cfg: DictConfig
 
 
 def check_epoch(epoch: int, epochs: int, changed: list[str], *, key: str = "trainer.resume",
-                path: str | Path | None = None) -> bool:
+                path: str | Path | None = None, unit: str = "epoch") -> bool:
     """Whether a checkpoint after ``epoch`` epochs can continue a run of ``epochs``; True if it has finished.
 
     A finished checkpoint (``epoch == epochs``) is fine only with the same config (nothing is left
-    to train with a changed one); ``epoch > epochs`` is refused.
+    to train with a changed one); ``epoch > epochs`` is refused. ``unit="step"``: both count optimizer
+    steps (``schedule.steps``, the language-model task).
     """
     where = _where(key, path)
     if epoch > epochs:
-        raise ConfigError(f"{where} is at epoch {epoch}, past schedule.epochs={epochs}; "
+        raise ConfigError(f"{where} is at {unit} {epoch}, past schedule.{unit}s={epochs}; "
                           "start a new run_dir or put the old values back")
     if epoch == epochs and changed:
-        raise ConfigError(f"{where} has already finished all {epochs} epochs; the changed {_describe(changed, None, None)} "
+        raise ConfigError(f"{where} has already finished all {epochs} {unit}s; the changed {_describe(changed, None, None)} "
                           "would not be used: start a new run_dir or put the old values back")
     return epoch == epochs
 

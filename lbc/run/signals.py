@@ -161,7 +161,7 @@ class UntilStopped:
 def stop_message(
     signal_name: str,
     *,
-    epoch: int,
+    epoch: int | None,
     step: int,
     written: bool,
     checkpoint: str | Path | None,
@@ -171,9 +171,18 @@ def stop_message(
     """The one line a stopped run logs. ``epoch`` is 1-based, ``step`` the steps finished in it;
     ``written``: the checkpoint was written at this stop (after a whole epoch); else the partial
     epoch is dropped and ``checkpoint`` (after ``checkpoint_epoch`` epochs, or None) is what a
-    resume continues from. ``explicit_resume``: the run's ``trainer.resume``, which the same
+    resume continues from. ``epoch=None``: a task counted in steps (``step``: the run's steps so far).
+    ``explicit_resume``: the run's ``trainer.resume``, which the same
     command would read again instead of a newer ``checkpoint``."""
-    head = f"stopped by {signal_name} at epoch {epoch} step {step}"
+    head = f"stopped by {signal_name} at " + (f"epoch {epoch} step {step}" if epoch is not None else f"step {step}")
+    if epoch is None:  # counted in steps: the checkpoint (if any) was written at this stop's step
+        if checkpoint is None:
+            again = "the same command starts the run over" if not explicit_resume else \
+                f"the same command resumes from {explicit_resume} again"
+            return f"{head}; no checkpoint was written ({again})"
+        same = not explicit_resume or os.path.abspath(explicit_resume) == os.path.abspath(checkpoint)
+        hint = "run the same command again" if same else f"run the same command with trainer.resume={checkpoint}"
+        return f"{head}; {checkpoint} holds step {step} (resume: {hint})"
     if checkpoint is None:
         again = "the same command starts the run over" if not explicit_resume else \
             f"the same command resumes from {explicit_resume} again"

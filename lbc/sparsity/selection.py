@@ -28,6 +28,9 @@ def stem_and_classifier(model: nn.Module) -> tuple[list[str], list[str]]:
     named = [[v] if isinstance(v, str) else list(v) if v else [] for v in (cfg.get("first_conv"), cfg.get("classifier"))]
     if any(named):
         return named[0], named[1]
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if isinstance(head, nn.Module):  # a transformers language model: its embeddings are not Linear; lm_head stays dense
+        return [], [n for n, m in model.named_modules() if m is head]
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     stem = [layers[0][0]] if layers else []
     linears = [n for n, m in layers if isinstance(m, nn.Linear)]

@@ -10,7 +10,17 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import lbc
-from lbc.config import SCHEMAS, CausalLMConfig, CosineConfig, DetectorConfig, as_config_error, div, mul, sub, validate
+from lbc.config import (
+    SCHEMAS,
+    CausalLMConfig,
+    CosineConfig,
+    DetectorConfig,
+    as_config_error,
+    div,
+    mul,
+    sub,
+    validate,
+)
 from lbc.engine.optim import build_optimizer, build_scheduler, weight_decay_groups
 from lbc.errors import ConfigError
 from lbc.models import build_model

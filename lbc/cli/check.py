@@ -3,12 +3,15 @@
     lbc-check exported/my_run/model.safetensors                 # an lbc-export: model, pattern, exclusions from its config.yaml
     lbc-check weights.pt --pattern 2:4 --model resnet50         # any state dict of a supported model
     lbc-check weights.pt --pattern 2:4 --model timm/deit_small_patch16_224 --model-option img_size=32
+    lbc-check exported/my_lm                                    # an export directory: its model.safetensors
 
 Groups are M consecutive input-channel weights at one output channel and kernel position, as in
 training; which layers must be N:M is training's layer selection (stem and classifier dense unless
 --exclude says otherwise; a layer whose input dimension M does not divide is not eligible). Without
 --model or an export's config.yaml, the layers are read from the file's shapes (2-D and 4-D
-``*.weight`` tensors; the first and the last 2-D one kept dense).
+``*.weight`` tensors; the first and the last 2-D one kept dense). A language-model export (lbc_export.json
+beside the weights) is checked as its training selected: layers from its config.json, GPT-2's Conv1D
+weights (stored (in, out)) grouped along their input dimension, a tied lm_head read from its embedding.
 
 Exit status: 0 every eligible layer is N:M; 1 some are not (named on stderr with their broken
 groups); 2 bad input (a missing, corrupt, truncated or foreign file, a bad option): one line.
@@ -25,6 +28,7 @@ import torch
 from lbc.cli.summary import parse_model_options
 from lbc.errors import ConfigError
 from lbc.export import check_weights, format_checks, infer_num_classes, read_export_config, read_weights
+from lbc.export.lm import lm_check_inputs, lm_facts_beside
 from lbc.models import build_model
 from lbc.sparsity.nm import parse_pattern
 
@@ -44,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the export's, else the stem and the classifier)")
     parser.add_argument("--quiet", action="store_true", help="no table, only the verdict")
     args = parser.parse_args(argv)
+    if Path(args.weights).is_dir():  # an export directory
+        args.weights = str(Path(args.weights) / "model.safetensors")
     try:
         state = read_weights(args.weights)
-        model, pattern, exclude, source = _model_for(args, state)
+        facts = lm_facts_beside(args.weights) if args.model is None else None
+        if facts is not None:
+            if args.model_option or args.num_classes is not None:
+                raise ConfigError("--model-option and --num-classes need --model")
+            state, model, pattern, exclude, source = lm_check_inputs(facts, state, args.pattern, args.exclude)
+        else:
+            model, pattern, exclude, source = _model_for(args, state)
         pattern = parse_pattern(pattern, key="--pattern")
         checks = check_weights(state, pattern, model, exclude)
     except ConfigError as err:

@@ -8,6 +8,11 @@
 Writes DIR/model.safetensors (the model's own state-dict keys: load it with load_state_dict into the
 model built from DIR/config.yaml, e.g. lbc.export.load_exported(DIR)), DIR/config.yaml and
 DIR/report.json (per layer: pattern, density, N:M or not). Bad input: one line, exit 2.
+
+A language-model run (task=lm) exports a transformers save_pretrained directory instead: DIR/model.safetensors,
+config.json, generation_config.json, the tokenizer's files, report.json and lbc_export.json (for lbc-check);
+AutoModelForCausalLM.from_pretrained(DIR) loads it without lbc and gives the masked model's logits (checked).
+--onnx, --ema and --input-size are not supported there.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.quiet:
         print(format_checks(folded.layers, folded.pattern))
+    if report.get("task") == "lm":
+        return _lm_done(args, report)
     params = sum(v.numel() for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
     nonzero = sum(int((v != 0).sum()) for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
     nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
@@ -67,6 +74,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{checked}")
     if args.accelerate:
         report["acceleration"] = accelerate_and_time(args.out, folded.config.get("input_size"), args.batch)
+        atomic_write(Path(args.out) / "report.json", lambda p: p.write_text(report_json(report)))
+    return 0
+
+
+def _lm_done(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """The closing line of a language-model export (and --accelerate's reason for not running)."""
+    from lbc.export.lm import linear_weights
+
+    nonzero, params = linear_weights(report)
+    nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
+    print(f"exported {report['model']} ({report['method']} {report['pattern']}, step {report['step']}) to {args.out}: "
+          f"{', '.join(report['files'])}; {report['nm_layers']} layers {nm} {report['pattern']}, linear weights "
+          f"{nonzero}/{params} non-zero; from_pretrained's logits equal the masked model's "
+          f"(max |diff| {report['max_abs_diff']:.3g})")
+    if args.accelerate:
+        why = "task=lm: --accelerate times image models from config.yaml; a transformers export is not timed"
+        print(f"accelerate: not run: {why}")
+        report["acceleration"] = {"converted": 0, "reason": why}
         atomic_write(Path(args.out) / "report.json", lambda p: p.write_text(report_json(report)))
     return 0
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from lbc.batching import per_process_batch, scaled_lr
 from lbc.config.classification import *  # noqa: F403
 from lbc.config.detection import *  # noqa: F403
-from lbc.config.lm import *  # noqa: F403
 from lbc.config.errors import as_config_error
+from lbc.config.lm import *  # noqa: F403
 from lbc.config.resolvers import div, mul, register_resolvers, sub
 from lbc.config.schema import SCHEMAS, TaskConfig, TrainConfig, register_schemas
 from lbc.config.validate import validate

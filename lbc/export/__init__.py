@@ -5,7 +5,9 @@
 - :mod:`lbc.export.write`: the export directory (``model.safetensors``, ``config.yaml``,
   ``report.json``), written atomically and read back by :func:`load_exported`;
 - :mod:`lbc.export.onnx`: ``model.onnx``, checked with onnxruntime;
-- :mod:`lbc.export.check`: ``lbc-check``'s reader and N:M checker of any weight file.
+- :mod:`lbc.export.check`: ``lbc-check``'s reader and N:M checker of any weight file;
+- :mod:`lbc.export.lm`: language-model runs (``task=lm``): a ``save_pretrained`` directory that
+  ``AutoModelForCausalLM.from_pretrained`` loads, and ``lbc-check``'s reading of it.
 """
 
 from lbc.export.check import LayerCheck, check_layer, check_weights, format_checks, read_weights
@@ -16,11 +18,13 @@ from lbc.export.fold import (
     input_size_of,
     load_training_checkpoint,
 )
+from lbc.export.lm import LM_FACTS, export_lm, fold_lm, write_lm
 from lbc.export.onnx import ONNX_FILE, ONNX_OPSET, export_onnx
 from lbc.export.write import FILES, export_run, load_exported, read_export_config, report_json, write_export
 
 __all__ = [
-    "FILES", "ONNX_FILE", "ONNX_OPSET", "Folded", "LayerCheck", "check_layer", "check_weights", "export_onnx",
-    "export_run", "fold_checkpoint", "format_checks", "infer_num_classes", "input_size_of", "load_exported",
-    "load_training_checkpoint", "read_export_config", "read_weights", "report_json", "write_export",
+    "FILES", "LM_FACTS", "ONNX_FILE", "ONNX_OPSET", "Folded", "LayerCheck", "check_layer", "check_weights",
+    "export_lm", "export_onnx", "export_run", "fold_checkpoint", "fold_lm", "format_checks", "infer_num_classes",
+    "input_size_of", "load_exported", "load_training_checkpoint", "read_export_config", "read_weights",
+    "report_json", "write_export", "write_lm",
 ]

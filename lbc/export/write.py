@@ -69,6 +69,7 @@ def write_export(folded: Folded, out: str | Path, *, onnx: bool = False, opset: 
     else:
         for stale in (out / ONNX_FILE, out / f"{ONNX_FILE}.data"):
             stale.unlink(missing_ok=True)
+    (out / "lbc_export.json").unlink(missing_ok=True)  # an earlier lm export's facts: lbc-check would read them
     atomic_write(out / "report.json", lambda p: p.write_text(report_json(report)))
     return report
 
@@ -76,8 +77,18 @@ def write_export(folded: Folded, out: str | Path, *, onnx: bool = False, opset: 
 def export_run(source: str | Path, out: str | Path, *, ema: bool = False, onnx: bool = False,
                opset: int = ONNX_OPSET, input_size: list[int] | None = None,
                say: Say = silent) -> tuple[Folded, dict[str, Any]]:
-    """``lbc-export``'s work: read the run's checkpoint, fold it, write the export into ``out``; (folded, report)."""
+    """``lbc-export``'s work: read the run's checkpoint, fold it, write the export into ``out``; (folded, report).
+
+    A language-model run (``task=lm``) goes to :mod:`lbc.export.lm` (a ``save_pretrained`` directory).
+    """
     ckpt, path = load_training_checkpoint(source)
+    task = ckpt["config"].get("task")
+    if isinstance(task, dict) and task.get("name") == "lm":
+        from lbc.export.lm import check_lm_options, fold_lm, write_lm  # lm imports this module
+
+        check_lm_options(ema=ema, onnx=onnx, input_size=input_size)
+        lm = fold_lm(ckpt, source=str(path), say=say)
+        return lm, write_lm(lm, out, say=say)
     folded = fold_checkpoint(ckpt, ema=ema, source=str(path), say=say, input_size=input_size)
     return folded, write_export(folded, out, onnx=onnx, opset=opset, say=say)
 

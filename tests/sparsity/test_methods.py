@@ -10,7 +10,8 @@ from torch.nn.utils import parametrize
 
 import lbc
 from lbc.sparsity import METHODS
-from lbc.sparsity.nm import is_nm
+from lbc.sparsity.base import stored_weight
+from lbc.sparsity.nm import is_nm, topn_mask
 
 # Options that put each method in its final state by epoch 3; a new method must add itself here.
 OPTIONS = {
@@ -18,6 +19,9 @@ OPTIONS = {
     "lbc": {"t_i": 0, "t_f": 2},
     "srste": {},
     "asp": {"dense_epochs": 1, "finetune_epochs": 2},
+    "magnitude": {},  # the one-shot methods: their masks come from start_from (lbc.lm.calibrate in task=lm)
+    "wanda": {},
+    "sparsegpt": {},
 }
 FINAL_EPOCH = 3
 
@@ -44,6 +48,8 @@ def _build(method: str, seed: int = 0):
     torch.manual_seed(seed)
     model = Net()
     sp = lbc.sparsify(model, method=method, pattern="2:4", **OPTIONS[method])
+    if sp.prior is not None:  # a one-shot method: start it from a one-shot mask, as the lm runner does
+        sp.start_from({name: topn_mask(stored_weight(layer), sp.pattern) for name, layer in sp.layers.items()})
     return model, sp
 
 
@@ -130,7 +136,8 @@ def test_detach_bakes_the_mask_into_plain_weights(method):
 
 # What each method carries into another model with its masks (a classification checkpoint into a detector's
 # backbone, lbc/detection/backbone.py): its place on the schedule, nothing else; a new method adds itself here.
-CARRIED = {"dense": set(), "lbc": {"removed"}, "srste": set(), "asp": {"pruned"}}
+CARRIED = {"dense": set(), "lbc": {"removed"}, "srste": set(), "asp": {"pruned"}, "magnitude": {"pruned"},
+           "wanda": {"pruned"}, "sparsegpt": {"pruned"}}
 
 
 def test_every_registered_method_says_what_it_carries():

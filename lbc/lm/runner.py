@@ -265,7 +265,24 @@ def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
     if t.start_step == 0 and (tcfg.eval_before or t.steps == 0):
         sp.update(0)
         record(0, {"calibrated": t.calibrated} if t.calibrated else {})
-    loss_sum, loss_count, t0, step = 0.0, 0, time.perf_counter(), t.start_step
+    loss_sum, loss_count, t0, step, idle_from = 0.0, 0, time.perf_counter(), t.start_step, None
+
+    def finish_step(done: int) -> None:
+        """After step ``done``: evaluate and checkpoint when due."""
+        nonlocal loss_sum, loss_count, t0
+        evaluating = done == t.steps or (tcfg.eval_interval is not None and done % tcfg.eval_interval == 0)
+        if evaluating:
+            seconds = time.perf_counter() - t0
+            total = distributed.all_reduce_sum([loss_sum, loss_count], t.device)
+            extra = {"lr": t.optimizer.param_groups[0]["lr"], "seconds": seconds}
+            if total[1]:
+                extra |= {"train_loss": total[0] / total[1],
+                          "train_tokens_per_s": loss_count * t.tokens_per_step / max(seconds, 1e-9)}
+            record(done, extra)
+            loss_sum, loss_count, t0 = 0.0, 0, time.perf_counter()
+        if done % tcfg.ckpt_interval == 0 or done in sp.milestones().values() or done == t.steps:
+            save(done)
+
     bar = tqdm(total=t.steps, initial=t.start_step, desc="steps", disable=not (main and tcfg.progress),
                dynamic_ncols=True, leave=False)
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
@@ -273,6 +290,18 @@ def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
             if stop.agreed():
                 raise _stopped(t, run, step, saved_step, save)
             sp.update(step)
+            if not any(p.requires_grad for g in t.optimizer.param_groups for p in g["params"]):
+                # frozen weights and frozen scores (LBC train_weights=false after its last removal): nothing
+                # can change any more, so the step only advances the schedule
+                if idle_from is None:
+                    idle_from = step
+                    log.info("step %d: nothing trains from here on (every parameter frozen): the remaining "
+                             "steps only advance the schedule", step)
+                t.scheduler.step_update(step + 1)
+                bar.update(1)
+                run.started = True
+                finish_step(step + 1)
+                continue
             replica.train()
             ids = t.batches.batch(step).to(t.device, non_blocking=True)
             with autocast(t.device, t.amp_dtype):
@@ -297,16 +326,7 @@ def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
                 lr = t.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                 run.record.scalars({"loss": value, "lr": lr}, done, prefix="train/")
-            evaluating = done == t.steps or (tcfg.eval_interval is not None and done % tcfg.eval_interval == 0)
-            if evaluating:
-                seconds = time.perf_counter() - t0
-                total = distributed.all_reduce_sum([loss_sum, loss_count], t.device)
-                record(done, {"train_loss": total[0] / max(1, total[1]), "lr": t.optimizer.param_groups[0]["lr"],
-                              "train_tokens_per_s": loss_count * t.tokens_per_step / max(seconds, 1e-9),
-                              "seconds": seconds})
-                loss_sum, loss_count, t0 = 0.0, 0, time.perf_counter()
-            if done % tcfg.ckpt_interval == 0 or done in sp.milestones().values() or done == t.steps:
-                save(done)
+            finish_step(done)
     bar.close()
     sp.update(t.steps)
     sp.finalize()

@@ -21,6 +21,11 @@ apex defaults that differ are options: ``prune_classifier`` (apex prunes it) and
 (apex skips layers whose output dim is not a multiple of 8 or input dim not a multiple of 16).
 apex's channel permutation search is out of scope: groups are pruned in their given order.
 apex monkey-patches ``optimizer.step``; we do not: the masked backward lives in the parametrisation.
+
+``prior`` (magnitude | wanda | sparsegpt): prune with a one-shot criterion's mask instead of plain
+magnitude. The task computes those masks on the model as it starts (so ``dense_epochs`` must be 0)
+and hands them, with SparseGPT's reconstructed weights, to :meth:`ASP.start_from`, which prunes at
+once. ``prior="magnitude"`` without ``start_from`` prunes at ``update(0)`` exactly as plain ASP.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lbc.errors import is_number, require
+from lbc.errors import ConfigError, is_number, require
 from lbc.sparsity.base import SparsityMethod, float_view
 from lbc.sparsity.nm import topn_mask
-from lbc.sparsity.options import SparsityOptions
+from lbc.sparsity.options import PRIORS, SparsityOptions
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.selection import stem_and_classifier
 
@@ -52,6 +57,7 @@ class ASPOptions(SparsityOptions):
     finetune_epochs: float | None = None  # masked fine-tuning; None: the rest of the schedule
     prune_classifier: bool = False  # apex: true (also prunes the classifier)
     apex_dims: bool = False  # apex: true (skip layers with out % 8 or in % 16 != 0)
+    prior: str | None = None  # prune with this one-shot mask (magnitude | wanda | sparsegpt); null: magnitude
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +68,10 @@ class ASPOptions(SparsityOptions):
                 "sparsity.finetune_epochs", self.finetune_epochs, "use a number of epochs > 0 or null (the rest)")
         for key in ("prune_classifier", "apex_dims"):
             require(isinstance(getattr(self, key), bool), f"sparsity.{key}", getattr(self, key), "use true or false")
+        require(self.prior is None or self.prior in PRIORS, "sparsity.prior", self.prior,
+                f"choose from: {', '.join(PRIORS)}, or null (plain magnitude)")
+        require(self.prior is None or self.dense_epochs == 0, "sparsity.dense_epochs", self.dense_epochs,
+                f"sparsity.prior={self.prior} is computed on the model as it starts: use 0")
 
 
 class _FixedMask(torch.autograd.Function):
@@ -119,6 +129,34 @@ class ASP(SparsityMethod):
     def _states(self) -> list[tuple[nn.Parameter, ASPParametrization]]:
         return [(m.parametrizations.weight.original, m.parametrizations.weight[0]) for m in self.layers.values()]
 
+    @property
+    def prior(self) -> str | None:
+        """``options.prior``: the one-shot criterion whose masks :meth:`start_from` is given."""
+        return self.options.prior
+
+    @torch.no_grad()
+    def start_from(self, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Prune at once with the one-shot ``masks``; given ``weights`` (SparseGPT's reconstruction), copy them
+        into the stored weights first. The pruned stored weights are zeroed and :meth:`update` prunes no more.
+
+        Called once, after attaching and before training, never on resume (the checkpoint holds the
+        masks and ``pruned``).
+        """
+        if self.prior is None:
+            raise ConfigError(f"sparsity.prior=null: asp starts from no one-shot mask; set sparsity.prior "
+                              f"({', '.join(PRIORS)}) to start from one")
+        self.check_start_from(masks, weights)
+        for name, module in self.layers.items():
+            weight, state = module.parametrizations.weight.original, module.parametrizations.weight[0]
+            if weights is not None:
+                weight.copy_(weights[name])
+            state.mask.copy_(masks[name])
+        self.pruned = True
+        self._zero_pruned()
+        self._record_cost()
+        log.info("asp: %d layers start from the %s mask (%s)%s", len(self.layers), self.prior, self.pattern,
+                 " and its reconstructed weights" if weights is not None else "")
+
     @torch.no_grad()
     def prune(self) -> None:
         """One-shot magnitude pruning: keep the N largest ``|w|`` per group; zero the stored rest."""
@@ -139,6 +177,10 @@ class ASP(SparsityMethod):
         self.check_attached()
         self.epoch = float(epoch)
         if not self.pruned and self.epoch >= self.dense_epochs:
+            if self.prior not in (None, "magnitude"):
+                raise ConfigError(f"sparsity.prior={self.prior}: asp was never given the one-shot masks (start_from); "
+                                  "only a task that calibrates them (the language-model task) can start from a prior, "
+                                  "elsewhere use sparsity.prior=null")
             self.prune()
         elif self.pruned:
             self._zero_pruned()

@@ -10,7 +10,8 @@ The trainer (and any other loop, e.g. MMDetection hooks) talks to a method only 
 ``score_parameters``, ``param_groups``, ``update(epoch)``, ``state_dict``/``load_state_dict``,
 ``report``, ``masks``, ``milestones``, ``exclude_from_ddp`` and ``finalize``. Carrying a trained
 model's sparsity into another model (a classification checkpoint into a detector's backbone) goes
-through ``carried_state``, ``carried_mask`` and ``carry_in``.
+through ``carried_state``, ``carried_mask`` and ``carry_in``; starting from one-shot masks
+(``sparsity.prior``: magnitude, Wanda, SparseGPT) through ``prior``, ``start_from`` and ``check_start_from``.
 
 Under DistributedDataParallel the method's own tensors (scores, masks, alive sets) stay outside
 DDP (:meth:`SparsityMethod.exclude_from_ddp`): masks are equal on every rank by construction and
@@ -244,6 +245,58 @@ class SparsityMethod:
 
     def finalize(self) -> None:
         """End-of-training check of the method's promise; raises when it is broken."""
+
+    # --- starting from a one-shot mask (sparsity.prior) ----------------------------------------
+    @property
+    def prior(self) -> str | None:
+        """The one-shot criterion (one of :data:`~lbc.sparsity.options.PRIORS`) whose masks the method
+        starts from, or None: the task computes those masks and hands them to :meth:`start_from`."""
+        return None
+
+    def start_from(self, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Start from one-shot ``masks`` (and new stored ``weights``, SparseGPT's reconstruction), keyed as
+        :attr:`layers`.
+
+        Called once, after attaching and before training (before the optimizer is built), never on
+        resume: a checkpoint already holds what it set. The base method cannot: a one-line ConfigError.
+        """
+        raise ConfigError(f"sparsity.prior: {self.name} cannot start from a one-shot mask")
+
+    def check_start_from(self, masks: Mapping[str, torch.Tensor],
+                         weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Check what :meth:`start_from` is given: one mask per layer of :attr:`layers` (no more), bool,
+        shaped like its weight and exactly N:M of :attr:`pattern`; ``weights`` (if given) the same keys,
+        floating point and weight-shaped. A one-line ConfigError naming the first layer that is wrong."""
+        key = "sparsity.prior" if self.prior is None else f"sparsity.prior={self.prior}"
+        for what, given in (("mask", masks), ("weight", weights)):
+            if given is None:
+                continue
+            missing = [n for n in self.layers if n not in given]
+            unknown = [n for n in given if n not in self.layers]
+            if missing:
+                raise ConfigError(f"{key}: no one-shot {what} for layer {missing[0]!r} "
+                                  f"({len(missing)} of the {len(self.layers)} layers of {self.name} have none)")
+            if unknown:
+                raise ConfigError(f"{key}: a one-shot {what} for {unknown[0]!r}, which is not a layer of {self.name} "
+                                  f"(its layers: {', '.join(list(self.layers)[:3])}{', ...' if len(self.layers) > 3 else ''})")
+            for name, module in self.layers.items():
+                tensor, shape = given[name], tuple(stored_weight(module).shape)
+                if not isinstance(tensor, torch.Tensor):
+                    raise ConfigError(f"{key}: the one-shot {what} of layer {name!r} is a {type(tensor).__name__}, "
+                                      "not a tensor")
+                if tuple(tensor.shape) != shape:
+                    raise ConfigError(f"{key}: the one-shot {what} of layer {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"not its weight's {shape}")
+                if what == "weight":
+                    if not tensor.is_floating_point():
+                        raise ConfigError(f"{key}: the one-shot weight of layer {name!r} is {tensor.dtype}, "
+                                          "not floating point")
+                    continue
+                if tensor.dtype != torch.bool:
+                    raise ConfigError(f"{key}: the one-shot mask of layer {name!r} is {tensor.dtype}, not bool")
+                if not is_exactly_nm(tensor, self.pattern):
+                    raise ConfigError(f"{key}: the one-shot mask of layer {name!r} is not exactly {self.pattern} "
+                                      f"(every group of {self.pattern.m} inputs must keep {self.pattern.n})")
 
     def masks(self) -> dict[str, torch.Tensor]:
         """``{weight name: 0/1 float tensor shaped like the weight}`` for every masked layer."""

@@ -54,10 +54,24 @@ because the released code cannot run it (it divides by ``t_f - t_i``):
   dropped at the first step would never get a gradient, and the mask would be index order
   forever. At the very first step all scores are equal, and as ties remove the lower index
   first, the last candidate is kept for that one step.
+
+For language models (MaskLLM's setting, not the paper's) three more options:
+
+- ``prior`` (magnitude | wanda | sparsegpt): every group starts from the candidate a one-shot mask
+  keeps. The task computes those masks once before training and hands them to
+  :meth:`LBC.start_from`, which adds ``prior_margin`` to that candidate's score; it then goes last
+  under ``removal=paper`` (first under ``released``), so the prior's mask is the final mask unless
+  the scores learn otherwise. With a prior, ``t_i == t_f == 0`` under paper removal is allowed: the
+  prior's candidate is the one-shot survivor.
+- ``train_weights=false``: every parameter of the model but the scores is frozen at attach; only
+  the mask learns, and the masked layers' weight gradient is never computed.
+- ``score_dtype`` (float32 | bfloat16): the dtype the scores are stored and trained in (see
+  :class:`LBCOptions`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -80,7 +94,7 @@ from lbc.sparsity.nm import (
     rank_columns,
     to_groups,
 )
-from lbc.sparsity.options import SparsityOptions
+from lbc.sparsity.options import PRIORS, SparsityOptions
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.schedule import ROUNDINGS, removed_total
 
@@ -93,6 +107,9 @@ log = logging.getLogger(__name__)
 CRITERIA = ("score", "score_inverse", "magnitude", "gradient")
 LEARNED_CRITERIA = ("score", "score_inverse")
 REMOVALS = ("paper", "released")
+# float16 is not offered: Adam's second moment of score gradients below ~2e-4 underflows to 0 in it (and
+# eps=1e-8 with it), so AdamW's step divides by (almost) zero: NaN scores; bfloat16 saves as much memory.
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -107,9 +124,20 @@ class LBCOptions(SparsityOptions):
     update_every: str = "epoch"  # epoch (Alg. 1) | step: Eq. 6 at fractional epochs
     score_init: Any = "paper"  # paper: 1 | released: 1/C(M-1,N-1) | a number
     score_weight_decay: float | None = None  # None: the optimizer's weight decay (as released)
+    score_lr: float | None = None  # the scores' own learning rate (the schedule scales it alike); None: optim.lr
     criterion: str = "score"  # Table 6: score | score_inverse | magnitude | gradient
     removal: str = "paper"  # paper: removal is final (alive set) | released: signed-score top-k every step
     freeze_scores: bool = True  # once one candidate is left (released ResNet script) | false: train on (DeiT script)
+    prior: str | None = None  # one-shot mask every group starts from: magnitude | wanda | sparsegpt | null (none)
+    prior_margin: float = 1.0  # added to the score of the prior's candidate (> 0): it starts ahead of the others
+    train_weights: bool = True  # false: every parameter but the scores is frozen, only the mask learns (MaskLLM)
+    # The dtype the scores (C(M,N)/M per weight: 1.5 at 2:4, ~10.5e9 for a 7B model), their gradient and
+    # optimizer state are kept in: float32 | bfloat16 (masks and alive sets stay bool). bfloat16 halves that
+    # memory and chooses float32's survivors except where float32's scores tie within bfloat16 precision
+    # (8 significant bits; a tie removes the lower index). An update below half a unit in the last place is
+    # lost: 2^-8 at a score of 1, so AdamW at lr 1e-3 never moves a score of 1. Under removal=paper a common
+    # offset of the scores changes no choice, so score_init=0 gives bfloat16 scores their finest steps.
+    score_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,6 +153,8 @@ class LBCOptions(SparsityOptions):
                 "choose from: epoch, step")
         require(self.score_init in ("paper", "released") or is_number(self.score_init), "sparsity.score_init",
                 self.score_init, "use paper (1), released (1/C(M-1,N-1)) or a number")
+        require(self.score_lr is None or is_number(self.score_lr) and self.score_lr > 0, "sparsity.score_lr",
+                self.score_lr, "use a positive number or null (the optimizer's lr)")
         require(self.score_weight_decay is None or is_number(self.score_weight_decay) and self.score_weight_decay >= 0,
                 "sparsity.score_weight_decay", self.score_weight_decay, "use a number >= 0 or null")
         require(self.criterion in CRITERIA, "sparsity.criterion", self.criterion, f"choose from: {', '.join(CRITERIA)}")
@@ -132,11 +162,25 @@ class LBCOptions(SparsityOptions):
         require(self.removal == "paper" or self.criterion == "score", "sparsity.removal", self.removal,
                 f"removal=released re-selects by the learned scores; criterion={self.criterion} needs removal=paper")
         require(isinstance(self.freeze_scores, bool), "sparsity.freeze_scores", self.freeze_scores, "use true or false")
-        if self.removal == "paper" and self.t_f == 0 and self.criterion != "magnitude":
+        require(self.prior is None or self.prior in PRIORS, "sparsity.prior", self.prior,
+                f"choose from: {', '.join(PRIORS)}, or null (no one-shot mask)")
+        require(self.prior is None or self.criterion in LEARNED_CRITERIA, "sparsity.prior", self.prior,
+                f"the prior boosts the learned scores, which criterion={self.criterion} does not use; "
+                "use criterion=score (or score_inverse) or prior=null")
+        require(is_number(self.prior_margin) and self.prior_margin > 0, "sparsity.prior_margin", self.prior_margin,
+                "use a number > 0 (the prior's candidate starts that far ahead)")
+        require(isinstance(self.train_weights, bool), "sparsity.train_weights", self.train_weights, "use true or false")
+        require(self.train_weights or self.criterion in LEARNED_CRITERIA, "sparsity.train_weights", self.train_weights,
+                f"with frozen weights only the scores learn, and criterion={self.criterion} learns none: "
+                "use criterion=score (or score_inverse) or train_weights=true")
+        require(self.score_dtype in SCORE_DTYPES, "sparsity.score_dtype", self.score_dtype,
+                f"choose from: {', '.join(SCORE_DTYPES)} (not float16: AdamW's state underflows in it)")
+        if self.removal == "paper" and self.t_f == 0 and self.criterion != "magnitude" and self.prior is None:
             raise ConfigError(
                 f"sparsity.t_i=sparsity.t_f=0 with removal=paper removes all candidates but one before any "
                 f"{'score' if self.criterion != 'gradient' else 'gradient'} is learned: the survivor would be an "
-                f"arbitrary index; use sparsity.removal=released (the scores keep choosing every step) or t_f > 0")
+                f"arbitrary index; use sparsity.removal=released (the scores keep choosing every step), t_f > 0 or "
+                f"a sparsity.prior")
 
 
 class _LBCMask(torch.autograd.Function):
@@ -152,7 +196,7 @@ class _LBCMask(torch.autograd.Function):
     def forward(ctx, weight, scores, mask, alive, candidates, pattern, grad_sink=None):  # type: ignore[override]
         keep_weight = ctx.needs_input_grad[1] or grad_sink is not None
         ctx.save_for_backward(weight if keep_weight else None, mask, alive, candidates)
-        ctx.grad_sink, ctx.pattern = grad_sink, pattern
+        ctx.grad_sink, ctx.pattern, ctx.score_dtype = grad_sink, pattern, scores.dtype
         return weight * mask
 
     @staticmethod
@@ -162,7 +206,7 @@ class _LBCMask(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[1]:
             # Eq. 9-10: dL/dB = W * dL/d(B*W); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
-            grad_scores = candidate_sums(weight * grad_out, ctx.pattern).to(candidates.dtype) * alive
+            grad_scores = candidate_sums(weight * grad_out, ctx.pattern).to(ctx.score_dtype) * alive
         if ctx.grad_sink is not None:
             ctx.grad_sink.add_(to_groups(weight * grad_out, candidates.shape[1]).abs().to(ctx.grad_sink.dtype))
         return grad_weight, grad_scores, None, None, None, None, None
@@ -223,18 +267,55 @@ def removal_position(values: torch.Tensor) -> torch.Tensor:
     return torch.empty(order.shape, dtype=dtype, device=values.device).scatter_(1, order, ranks)
 
 
+@functools.cache
+def _sorted_candidate_codes(pattern: NMPattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lookup table of :func:`candidate_index`: the candidates' bit codes, sorted, and their indices."""
+    codes = (candidate_matrix(pattern).long() << torch.arange(pattern.m)).sum(1)
+    return codes.sort()
+
+
+def group_codes(groups: torch.Tensor) -> torch.Tensor:
+    """(G,) int64 bit code of each row of a (G, M) bool group mask: bit i is set iff position i is kept."""
+    code = torch.zeros(groups.shape[0], dtype=torch.int64, device=groups.device)
+    for i, column in enumerate(groups.unbind(1)):  # M passes over the groups, vectorised
+        code |= column.long() << i
+    return code
+
+
+def candidate_index(groups: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """(G,) int64: the candidate (row of :func:`~lbc.sparsity.nm.candidate_matrix`) each row of a (G, M)
+    bool group mask keeps, every row keeping exactly N.
+
+    Each group's bit code is looked up in a table built from the candidate matrix (the candidates'
+    codes, sorted) by a binary search vectorised over the groups: no loop over groups. M <= 62.
+    """
+    if pattern.m > 62:
+        raise ConfigError(f"sparsity.pattern={pattern}: a group's bit code needs M <= 62 to find its candidate")
+    codes, order = (t.to(groups.device) for t in _sorted_candidate_codes(pattern))
+    code = group_codes(groups)
+    position = torch.searchsorted(codes, code).clamp_(max=len(codes) - 1)
+    if not torch.equal(codes[position], code):
+        raise ValueError(f"candidate_index: a group mask does not keep exactly {pattern.n} of {pattern.m}")
+    return order[position]
+
+
 class LBCParametrization(nn.Module):
     """Per-layer LBC state: scores S (G x C), alive set (G x C) and the mask B it implies."""
 
     def __init__(
-        self, weight: torch.Tensor, pattern: NMPattern, score_init: float, track_gradient: bool = False
+        self,
+        weight: torch.Tensor,
+        pattern: NMPattern,
+        score_init: float,
+        track_gradient: bool = False,
+        score_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.pattern = pattern
         groups = weight.numel() // pattern.m
         candidates = candidate_matrix(pattern, weight.device)
         self.scores = nn.Parameter(torch.full((groups, pattern.num_candidates), float(score_init),
-                                              device=weight.device))
+                                              dtype=score_dtype, device=weight.device))
         # ``gradient`` criterion: sum of |W * dL/dW_eff| per weight since the last removal (G, M).
         accum = torch.zeros(groups, pattern.m, device=weight.device) if track_gradient else None
         self.register_buffer("grad_accum", accum)
@@ -260,7 +341,7 @@ class LBCParametrization(nn.Module):
         With ``zero_removed`` the scores of the removed are set to 0 (the released code; momentum
         can move them off 0 again). Returns whether the mask changed.
         """
-        values = self.scores.detach()
+        values = self.scores.detach().float()  # low-precision scores: rank them exactly as stored
         values = values - 1000.0 * (values == 0).to(values.dtype)
         alive = removal_position(values) >= count
         if zero_removed:
@@ -302,10 +383,13 @@ class LBC(SparsityMethod):
         self.reselect_all = self.removal == "released" and self.t_i == self.t_f
         # whether the learned scores stop training once one candidate is left (module docstring)
         self.freeze_when_final = self.freeze_scores and not self.reselect_all
-        self.score_weight_decay = options.score_weight_decay
+        self.score_weight_decay, self.score_lr = options.score_weight_decay, options.score_lr
+        self.prior_margin, self.train_weights = float(options.prior_margin), options.train_weights
+        self.score_dtype = SCORE_DTYPES[options.score_dtype]
         pattern = parse_pattern(options.pattern)
         self.score_init = _score_init(options.score_init, pattern)
         self.removed = 0
+        self._prior_given = False  # start_from gave the prior's masks (or a checkpoint restored their scores)
         self._settled = False  # released removal: the final selection is made (repeated only if scores train)
         self._frozen_scores: set[int] = set()  # ids of the scores this method turned requires_grad off for
         self._check_memory(model, pattern)
@@ -313,12 +397,59 @@ class LBC(SparsityMethod):
         self._freeze_if_final()  # scores of the magnitude/gradient criteria never need a gradient
         count = sum(p.numel() for p in self.score_parameters())
         weights = sum(m.weight.numel() for m in self.layers.values())
-        log.info("lbc %s: %d layers, %.2fM scores (%.2f per weight)", self.pattern, len(self.layers),
-                 count / 1e6, count / max(1, weights))
+        log.info("lbc %s: %d layers, %.2fM scores (%.2f per weight), %.2f GB of %s scores", self.pattern,
+                 len(self.layers), count / 1e6, count / max(1, weights), count * self.score_dtype.itemsize / 1e9,
+                 options.score_dtype)
+        if not self.train_weights:
+            self._freeze_weights()
 
     # --- the method ---------------------------------------------------------------------------
     def parametrization(self, name: str, module: nn.Module) -> nn.Module:
-        return LBCParametrization(module.weight, self.pattern, self.score_init, self.criterion == "gradient")
+        return LBCParametrization(module.weight, self.pattern, self.score_init, self.criterion == "gradient",
+                                  self.score_dtype)
+
+    def _freeze_weights(self) -> None:
+        """``train_weights=false``: every parameter of the model but the scores stops training (embeddings,
+        norms, biases too), so only the mask learns; the masked layers' weight gradient is never computed
+        (:class:`_LBCMask` asks ``needs_input_grad``). :meth:`detach` leaves them frozen."""
+        own = {id(p) for p in self.score_parameters()}
+        frozen = [p for p in self.model.parameters() if id(p) not in own]
+        for param in frozen:
+            param.requires_grad_(False)
+        log.info("lbc: weights frozen (train_weights=false): only the scores learn, %.2fM params frozen",
+                 sum(p.numel() for p in frozen) / 1e6)
+
+    @property
+    def prior(self) -> str | None:
+        """``options.prior``: the one-shot criterion whose masks :meth:`start_from` is given."""
+        return self.options.prior
+
+    @torch.no_grad()
+    def start_from(self, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Start every group ahead with the candidate its one-shot mask keeps: add ``prior_margin`` to its score.
+
+        The candidate is the group mask's bit code looked up in the candidates' (:func:`candidate_index`),
+        vectorised over the groups. Under ``removal=paper`` with ``criterion=score`` it goes last, so
+        with nothing learned the prior's mask is the final mask; under ``removal=released`` it ranks
+        first (``score_inverse`` inverts the prior too: it goes first). ``weights`` (SparseGPT's
+        reconstruction) are checked and ignored: LBC learns the mask of the weights as they are, as
+        MaskLLM starts from SparseGPT's mask over the dense weights. Called once, after attaching and
+        before the optimizer is built (the scores' optimizer state is untouched), never on resume (the
+        checkpoint holds the boosted scores).
+        """
+        if self.prior is None:
+            raise ConfigError(f"sparsity.prior=null: lbc starts from no one-shot mask; set sparsity.prior "
+                              f"({', '.join(PRIORS)}) to start from one")
+        if self._prior_given:
+            raise RuntimeError("lbc.start_from: the prior's masks were given already (start_from is called once, "
+                               "before training, never on resume)")
+        self.check_start_from(masks, weights)
+        for name, state in zip(self.layers, self._states(), strict=True):
+            index = candidate_index(to_groups(masks[name].to(state.scores.device), self.pattern.m), self.pattern)
+            state.scores.scatter_add_(1, index[:, None], state.scores.new_full((len(index), 1), self.prior_margin))
+        self._prior_given = True
+        log.info("lbc: %d layers start from the %s mask (its candidate's score +%g)", len(self.layers), self.prior,
+                 self.prior_margin)
 
     def _states(self) -> list[LBCParametrization]:
         return [m.parametrizations.weight[0] for m in self.layers.values()]
@@ -327,8 +458,19 @@ class LBC(SparsityMethod):
         return [state.scores for state in self._states()]
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The scores' group, at ``score_weight_decay`` (None: the optimizer's ``weight_decay``).
+
+        bfloat16 scores on CPU opt out of the fused kernels: torch 2.13's fused CPU SGD leaves bfloat16
+        (and float16) parameters unchanged in all but their last numel % 16 entries (the momentum moves,
+        the parameter does not), silently; the unfused SGD and AdamW are right.
+        """
         decay = weight_decay if self.score_weight_decay is None else self.score_weight_decay
-        return [{"params": self.score_parameters(), "weight_decay": decay}]
+        group: dict[str, Any] = {"params": self.score_parameters(), "weight_decay": decay}
+        if self.score_lr is not None:  # timm's scheduler scales each group from its own initial lr
+            group["lr"] = self.score_lr
+        if self.score_dtype != torch.float32 and any(p.device.type == "cpu" for p in group["params"]):
+            group["fused"] = False
+        return [group]
 
     def candidate_values(self, state: LBCParametrization, weight: torch.Tensor) -> torch.Tensor:
         """How much each candidate (G x C) is worth keeping under ``criterion``; the lowest alive go first.
@@ -360,6 +502,10 @@ class LBC(SparsityMethod):
         alive set by score before every step until the scores freeze (never, with ``freeze_scores=False``).
         """
         self.check_attached()
+        if not self._prior_given and self.prior is not None:
+            raise ConfigError(f"sparsity.prior={self.prior}: lbc was never given the one-shot masks (start_from); "
+                              "only a task that calibrates them (the language-model task) can start from a prior, "
+                              "elsewhere use sparsity.prior=null")
         self.epoch = float(epoch)
         target = self.target_removed(epoch)
         if self.removal == "released":
@@ -408,6 +554,7 @@ class LBC(SparsityMethod):
         # frozen_stages turns off every parameter of a stage) stay as they were left.
         at_end = self.removed >= self.pattern.num_candidates - 1
         learning = self.criterion in LEARNED_CRITERIA and not (at_end and self.freeze_when_final)
+        froze = False
         for scores in self.score_parameters():
             if learning:
                 if id(scores) in self._frozen_scores:
@@ -417,9 +564,13 @@ class LBC(SparsityMethod):
                 if scores.requires_grad:
                     scores.requires_grad_(False)
                     self._frozen_scores.add(id(scores))
+                    froze = True
                 scores.grad = None
         for state in self._states():
             state.tracking = state.grad_accum is not None and not at_end  # no removal is left to choose
+        if froze and at_end and not self.train_weights:
+            log.warning("lbc: one candidate left in every group and the weights frozen (train_weights=false): "
+                        "nothing trains from epoch %g on (t_f=%g); stop training there", self.epoch, self.t_f)
 
     def finalize(self) -> None:
         """Raise if the schedule has run out (one candidate per group) but the model is not N:M."""
@@ -437,6 +588,7 @@ class LBC(SparsityMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.removed = int(state["removed"])
+        self._prior_given = True  # a resumed run's scores hold the prior's margin already
         self._settled = False  # released removal: re-select once from the restored scores
         self._freeze_if_final()
 
@@ -462,13 +614,15 @@ class LBC(SparsityMethod):
             return
         device = params[0].device
         weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        need = weights / pattern.m * pattern.num_candidates * 4 * 4  # scores, grads, 2 optimizer slots
+        need = weights / pattern.m * pattern.num_candidates * self.score_dtype.itemsize * 4  # + grads, 2 optim slots
         free = _free_memory(device)
         if free is not None and need > free:
             raise ConfigError(
-                f"sparsity.pattern={pattern}: LBC needs {pattern.num_candidates / pattern.m:.2f} scores per weight, "
+                f"sparsity.pattern={pattern}: LBC needs {pattern.num_candidates / pattern.m:.2f} "
+                f"{str(self.score_dtype).removeprefix('torch.')} scores per weight, "
                 f"about {need / 2**30:.1f} GiB with gradients and optimizer state, but only "
-                f"{free / 2**30:.1f} GiB is free on {device}; choose a smaller M or fewer layers"
+                f"{free / 2**30:.1f} GiB is free on {device}; choose a smaller M"
+                f"{', sparsity.score_dtype=bfloat16' if self.score_dtype.itemsize > 2 else ''} or fewer layers"
             )
 
 

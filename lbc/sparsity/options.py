@@ -21,6 +21,10 @@ from lbc.errors import ConfigError, require
 
 Opts = TypeVar("Opts", bound="SparsityOptions")
 
+# The one-shot criteria a method may start from (``sparsity.prior``; the methods of the same names in
+# ``lbc.sparsity.oneshot`` prune with them): N largest |w|, Wanda's |w| * ||x||, SparseGPT's OBS saliency.
+PRIORS = ("magnitude", "wanda", "sparsegpt")
+
 
 @dataclass
 class SparsityOptions:

@@ -149,3 +149,22 @@ def test_cli_errors_are_one_line(tmp_path):
     code, _, err = run_cli(*TINY_LM, f"run_dir={tmp_path / 'r'}", "data.seq_len=100000")
     assert code == 2 and err.count("\n") == 1 and "data.seq_len" in err
     assert not (tmp_path / "r").exists()  # a failed start leaves no run dir behind
+
+
+@pytest.mark.slow
+def test_frozen_weights_learn_only_the_mask_from_a_sparsegpt_prior(tmp_path):
+    """MaskLLM's setting: LBC scores start from SparseGPT's mask; every weight of the model stays as built."""
+    from lbc.engine.trainer import seed_everything
+
+    cfg = lm_config(tmp_path, "sparsity=lbc", "sparsity.train_weights=false", "sparsity.prior=sparsegpt",
+                    "sparsity.score_lr=0.05", "sparsity.t_f=3")
+    runner.run(cfg)
+    seed_everything(0)  # the runner builds the model right after seeding with cfg.seed
+    built, _ = build_causal_lm(**{k: v for k, v in dict(cfg.model).items()})
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    for key, value in built.state_dict().items():
+        assert torch.equal(ckpt["model"][key], value), key  # embeddings, norms, projections: bit-identical
+    scores = [v for k, v in ckpt["model"].items() if k.endswith(".scores")]
+    assert len(scores) == PROJECTIONS["llama_tiny"]
+    assert len({float(x) for s in scores for x in s.unique()}) > 2  # they learned: not just 1 and 1 + margin
+    assert all(is_exactly_nm(m, NMPattern(2, 4)) for m in masks_of(ckpt).values())

@@ -94,7 +94,7 @@ def test_the_config_schemas_are_the_registry_s():
     from lbc.config.schema import SCHEMAS
 
     assert SCHEMAS["sparsity"] == METHODS.schemas()
-    assert sorted(SCHEMAS["sparsity"]) == ["asp", "dense", "lbc", "srste"]
+    assert sorted(SCHEMAS["sparsity"]) == ["asp", "dense", "lbc", "magnitude", "sparsegpt", "srste", "wanda"]
 
 
 def test_each_rule_is_checked_once_in_the_options():

@@ -142,6 +142,10 @@ def _build(cfg: DictConfig, typed: dict[str, Any], device: torch.device, run: Ru
 
     # --- model and text --------------------------------------------------------------------
     model_cfg = as_kwargs(typed["model"])
+    if not (tcfg.progress and distributed.is_main()):  # transformers' own bars (GGUF dequantisation, loading)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tokenizer = build_causal_lm(**model_cfg)
     model.to(device)
     corpus = load_corpus(dcfg.source, dcfg.root, val_fraction=dcfg.val_fraction, text_column=dcfg.text_column)

@@ -124,6 +124,7 @@ class LMTrainerConfig:
     progress: bool = on_resume(IGNORE, default=True)  # a tqdm bar on rank 0
     resume: str | None = on_resume(IGNORE, default=None)  # checkpoint path; null = <run_dir>/last.pt if it exists
     find_unused_parameters: bool = on_resume(IGNORE, default=False)  # passed to DistributedDataParallel
+    fsdp: bool = on_resume(IGNORE, default=False)  # under torchrun: FSDP2 (fully_shard per decoder block) instead of DDP
 
     def __post_init__(self) -> None:
         from lbc.config.classification import _DEVICE  # the one device pattern
@@ -133,6 +134,9 @@ class LMTrainerConfig:
         require(self.amp in (None, "bf16", "fp16"), "trainer.amp", self.amp, "choose from: bf16, fp16, null")
         require(self.clip_grad is None or is_number(self.clip_grad) and self.clip_grad > 0, "trainer.clip_grad",
                 self.clip_grad, "use a positive number or null")
+        require(isinstance(self.fsdp, bool), "trainer.fsdp", self.fsdp, "use true or false")
+        require(not (self.fsdp and self.compile), "trainer.fsdp", self.fsdp,
+                "FSDP2 with trainer.compile=true is not supported yet; set one of them to false")
         for key in ("log_interval", "ckpt_interval", "eval_interval"):
             value = getattr(self, key)
             require(value is None and key == "eval_interval" or isinstance(value, int) and value >= 1,

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from timm.scheduler import CosineLRScheduler
+from torch.distributed.tensor import DTensor
 from torch import nn
 
 from lbc.errors import ConfigError
@@ -71,8 +72,9 @@ def build_optimizer(
     param_groups = list(param_groups)
     params = [p for group in param_groups for p in (group["params"] if isinstance(group, dict) else [group])]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    if name == "sgd" and any(p.device.type == "cpu" and p.dtype != torch.float32 for p in params):
-        fused = False
+    if name == "sgd" and any(p.device.type == "cpu" and p.dtype != torch.float32 or isinstance(p, DTensor)
+                             for p in params):
+        fused = False  # and fused SGD has no sharding rule for FSDP2's DTensors (fused AdamW has)
     if name == "sgd":
         return torch.optim.SGD(
             param_groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, fused=fused

@@ -37,6 +37,7 @@ from lbc.engine.loop import autocast
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, param_groups
 from lbc.engine.trainer import AMP_DTYPES, as_kwargs, seed_everything
 from lbc.errors import ConfigError, DataError
+from lbc.lm import fsdp
 from lbc.lm.data import PackedSequences, StepBatches, calibration_batches, load_corpus, token_ids
 from lbc.lm.evaluate import perplexity
 from lbc.lm.model import build_causal_lm
@@ -80,9 +81,9 @@ class LMTraining:
     def state(self, step: int) -> dict[str, Any]:
         """The checkpoint after ``step`` steps (every rank gathers its RNG state; rank 0 writes)."""
         return {
-            "model": self.model.state_dict(),
+            "model": fsdp.full_state(self.model),
             "sparsity": self.sparsity.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {"param_groups": []},
+            "optimizer": fsdp.full_state(self.optimizer) if self.optimizer is not None else {"param_groups": []},
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch(step),
@@ -109,10 +110,10 @@ class LMTraining:
         check_epoch(ckpt["step"], self.steps, changed, key=key, path=path, unit="step")
         if changed:
             log.info("resuming with changed %s (a resume honours these)", ", ".join(changed))
-        self.model.load_state_dict(ckpt["model"])
+        fsdp.load_full_state(self.model, ckpt["model"])
         self.sparsity.load_state_dict(ckpt["sparsity"])
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            fsdp.load_full_state(self.optimizer, ckpt["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -172,6 +173,9 @@ def _build(cfg: DictConfig, typed: dict[str, Any], device: torch.device, run: Ru
         calibrated = calibrate(model, sp, train_set, dcfg.calibration_sequences, dcfg.eval_batch_size, device,
                                progress=tcfg.progress and distributed.is_main())
 
+    if tcfg.fsdp and distributed.is_distributed():  # before the optimizer: it holds the shards
+        fsdp.shard(model, device)
+
     # --- optimizer and schedule (counted in steps: phases of ASP in steps) ---------------------
     optimizer = scheduler = None
     groups = [g for g in param_groups(model, sp, ocfg.weight_decay) if g["params"]]
@@ -223,8 +227,9 @@ def calibrate(model: torch.nn.Module, sp: Any, train_set: PackedSequences, seque
 def evaluate(t: LMTraining) -> dict[str, Any]:
     """Perplexity of the validation text (sliding windows), as :func:`lbc.lm.evaluate.perplexity` computes it."""
     dcfg = t.cfg.data
-    return perplexity(t.model, t.val_ids, seq_len=dcfg.eval_seq_len or dcfg.seq_len, stride=dcfg.eval_stride,
-                      batch_size=dcfg.eval_batch_size, device=t.device, max_windows=dcfg.max_eval_windows)
+    with fsdp.gathered(t.model):  # FSDP: no collective per forward (the ranks' window counts differ)
+        return perplexity(t.model, t.val_ids, seq_len=dcfg.eval_seq_len or dcfg.seq_len, stride=dcfg.eval_stride,
+                          batch_size=dcfg.eval_batch_size, device=t.device, max_windows=dcfg.max_eval_windows)
 
 
 def fit(t: LMTraining) -> dict[str, Any]:
@@ -238,8 +243,8 @@ def fit(t: LMTraining) -> dict[str, Any]:
 def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
     tcfg, sp, run, main = t.cfg.trainer, t.sparsity, t.run, distributed.is_main()
     sp.exclude_from_ddp(t.model)
-    replica = distributed.Replica(t.model, t.device, compile=tcfg.compile,
-                                  find_unused_parameters=tcfg.find_unused_parameters)
+    replica = t.model if fsdp.is_sharded(t.model) else distributed.Replica(
+        t.model, t.device, compile=tcfg.compile, find_unused_parameters=tcfg.find_unused_parameters)
     dcfg = t.cfg.data
     where = f" from step {t.start_step}" if t.resumed_from else ""
     run.begin(t.device, f"{t.steps} steps x {dcfg.batch_size} sequences x {dcfg.seq_len} tokens{where}",
@@ -267,7 +272,8 @@ def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
         saved_step = step
 
     if t.start_step == 0 and (tcfg.eval_before or t.steps == 0):
-        sp.update(0)
+        with fsdp.full_tensors(sp):
+            sp.update(0)
         record(0, {"calibrated": t.calibrated} if t.calibrated else {})
     loss_sum, loss_count, t0, step, idle_from = 0.0, 0, time.perf_counter(), t.start_step, None
 
@@ -293,7 +299,8 @@ def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
         for step in range(t.start_step, t.steps):
             if stop.agreed():
                 raise _stopped(t, run, step, saved_step, save)
-            sp.update(step)
+            with fsdp.full_tensors(sp):  # whole scores on every rank (a no-op unsharded)
+                sp.update(step)
             if not any(p.requires_grad for g in t.optimizer.param_groups for p in g["params"]):
                 # frozen weights and frozen scores (LBC train_weights=false after its last removal): nothing
                 # can change any more, so the step only advances the schedule
@@ -332,7 +339,8 @@ def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
                 run.record.scalars({"loss": value, "lr": lr}, done, prefix="train/")
             finish_step(done)
     bar.close()
-    sp.update(t.steps)
+    with fsdp.full_tensors(sp):
+        sp.update(t.steps)
     sp.finalize()
     if saved_step != t.steps:
         save(t.steps)

@@ -63,12 +63,14 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def finished(run_dir: Path) -> dict[str, Any] | None:
-    """The final record of a run that reached its schedule (``row.json`` says the steps), else None."""
-    meta = run_dir / "row.json"
+    """The final record of a run that reached its schedule (its own config.yaml's schedule.steps), else None."""
+    import yaml
+
     records = read_records(run_dir)
-    if not meta.is_file() or not records:
+    config = run_dir / "config.yaml"
+    if not (run_dir / "row.json").is_file() or not records or not config.is_file():
         return None
-    steps = json.loads(meta.read_text()).get("steps")
+    steps = ((yaml.safe_load(config.read_text()) or {}).get("schedule") or {}).get("steps")
     last = records[-1]
     return last if steps is not None and last.get("step") == steps else None
 
@@ -76,17 +78,6 @@ def finished(run_dir: Path) -> dict[str, Any] | None:
 def command(table: str, row: str, seed: int, overrides: list[str], run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "lbc.cli.train", "task=lm", f"experiment=lm/small/{table}/{row}", f"seed={seed}",
             "trainer.progress=false", *overrides, f"run_dir={run_dir}"]
-
-
-def steps_of(table: str, row: str, overrides: list[str]) -> int:
-    """schedule.steps of the row as composed (the run's own config decides when it is finished)."""
-    from hydra import compose, initialize_config_dir
-
-    import lbc.config  # noqa: F401  (the schemas and resolvers)
-
-    with initialize_config_dir(config_dir=str(ROOT / "lbc" / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["task=lm", f"experiment=lm/small/{table}/{row}", *overrides])
-    return int(cfg.schedule.steps)
 
 
 def run_row(table: str, row: str, seed: int, overrides: list[str], out: Path) -> tuple[dict[str, Any] | None, float]:
@@ -101,8 +92,7 @@ def run_row(table: str, row: str, seed: int, overrides: list[str], out: Path) ->
     if done is not None:
         return done, 0.0
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"table": table, "row": row, "seed": seed, "command": cmd,
-                                "steps": steps_of(table, row, overrides)}, indent=1))
+    meta.write_text(json.dumps({"table": table, "row": row, "seed": seed, "command": cmd}, indent=1))
     t0 = time.perf_counter()
     print(f"lm_tables: {table}/{row} seed {seed} -> {run_dir}", flush=True)
     code = subprocess.call(command(table, row, seed, overrides, run_dir))

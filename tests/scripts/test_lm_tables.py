@@ -27,7 +27,8 @@ def fake_run(out: Path, table: str, row: str, ppl: float, steps: int = 0, seed: 
     run_dir = out / table / row / f"seed{seed}"
     run_dir.mkdir(parents=True)
     cmd = lm_tables.command(table, row, seed, [], Path("RUN_DIR"))
-    (run_dir / "row.json").write_text(json.dumps({"command": cmd, "steps": steps}))
+    (run_dir / "row.json").write_text(json.dumps({"command": cmd}))
+    (run_dir / "config.yaml").write_text(f"schedule:\n  steps: {steps}\n")
     record = {"epoch": 0, "step": steps, "ppl": ppl, "tokens": steps * 1024, "sparsity/train_flops_ratio": 0.75}
     (run_dir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     (run_dir / "seconds.txt").write_text("120\n")

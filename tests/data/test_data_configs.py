@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from lbc.config import SCHEMAS, CocoDataConfig
+from lbc.config import SCHEMAS, CocoDataConfig, TextDataConfig
 from lbc.data import build_datasets, build_loader, build_mixup
 from tests.data.test_folder import make_tree
 from tests.helpers import CONFIGS, compose_config
 
-# Classification data options; coco and coco_shapes (detection) are tested in tests/detection/.
+# Classification data options; coco and coco_shapes (detection) are tested in tests/detection/, the text
+# options (task=lm) in tests/lm/.
 OPTIONS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml")
-                 if not issubclass(SCHEMAS["data"].get(p.stem, object), CocoDataConfig))
+                 if not issubclass(SCHEMAS["data"].get(p.stem, object), (CocoDataConfig, TextDataConfig)))
 
 
 def build_from(overrides: list[str]):

@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     failed = 0
     if not args.report_only:
-        for row in rows:
-            for seed in seeds:
+        for seed in seeds:  # every row of a seed before the next seed: a cut-short table still has whole rows
+            for row in rows:
                 record, _ = run_row(args.table, row, seed, overrides, out)
                 failed += record is None
     print(table_markdown(args.table, seeds, out))

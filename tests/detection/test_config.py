@@ -46,7 +46,7 @@ def test_option_lists_are_what_the_brief_promises():
     assert MODELS == ["faster_rcnn_r18_fpn_shapes", "faster_rcnn_r50_fpn", "mask_rcnn_r18_fpn_shapes",
                       "mask_rcnn_r50_fpn"]
     assert DATA == ["coco", "coco_shapes"]
-    assert {p.stem for p in (CONFIGS / "task").glob("*.yaml")} == {"classification", "detection"}
+    assert {p.stem for p in (CONFIGS / "task").glob("*.yaml")} == {"classification", "detection", "lm"}
 
 
 def test_task_detection_defaults():
@@ -304,7 +304,8 @@ def test_classification_default_config_is_todays_plus_the_task(tmp_path):
     old_dir = tmp_path / "configs"
     shutil.copytree(CONFIGS, old_dir)
     train = (old_dir / "train.yaml").read_text()
-    old = "\n".join(ln for ln in train.splitlines() if not re.match(r"\s+- (task|optional schedule/for_data)", ln))
+    old = "\n".join(ln for ln in train.splitlines()
+                    if not re.match(r"\s+- (task|optional schedule/for_data|optional sparsity/for_task)", ln))
     assert old != train
     (old_dir / "train.yaml").write_text(old + "\n")
     from hydra import compose, initialize_config_dir

@@ -10,14 +10,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lbc.config import SCHEMAS, DetectorConfig
+from lbc.config import SCHEMAS, CausalLMConfig, DetectorConfig
 from lbc.errors import ConfigError
 from lbc.models import MODELS, SOURCES, build_model, resolve
 from tests.helpers import CONFIGS, compose_config
 
-# Classification model options; the detection ones (mmdet detectors) are tested in tests/detection/test_config.py.
+# Classification model options; the detection ones (mmdet detectors) are tested in tests/detection/test_config.py,
+# the language models (task=lm) in tests/lm/.
 OPTIONS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")
-                 if not issubclass(SCHEMAS["model"].get(p.stem, object), DetectorConfig))
+                 if not issubclass(SCHEMAS["model"].get(p.stem, object), (DetectorConfig, CausalLMConfig)))
 
 
 def one_step(model: nn.Module, batch: int, input_size: tuple[int, ...], num_classes: int) -> None:

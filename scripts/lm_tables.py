@@ -40,6 +40,7 @@ TABLES: dict[str, list[tuple[str, str, str]]] = {
         ("sparsegpt", "SparseGPT, one-shot", "one-shot"),
         ("lbc_frozen_sparsegpt", "LBC, frozen weights, SparseGPT prior", "learned"),
         ("lbc", "LBC, weights trained", "learned"),
+        ("lbc_sparsegpt", "LBC, weights trained, SparseGPT prior", "learned"),
         ("srste", "SR-STE", "learned"),
         ("asp_sparsegpt", "ASP fine-tuning from SparseGPT", "learned"),
     ],

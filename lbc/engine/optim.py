@@ -6,8 +6,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from timm.scheduler import CosineLRScheduler
-from torch.distributed.tensor import DTensor
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lbc.errors import ConfigError
 from lbc.sparsity.base import SparsityMethod

@@ -112,12 +112,17 @@ def float_or_zero(path: Path) -> float:
         return 0.0
 
 
+def number(value: float) -> str:
+    """Two decimals; a diverged perplexity (beyond 1e5) in scientific notation."""
+    return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.1e}"
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+        return number(values[0])
+    return f"{number(statistics.mean(values))} ({number(min(values))}-{number(max(values))})"
 
 
 def table_markdown(table: str, seeds: list[int], out: Path) -> str:
@@ -139,11 +144,13 @@ def table_markdown(table: str, seeds: list[int], out: Path) -> str:
         mean_ppl = statistics.mean(ppl[row])
         gap = ""
         if kind == "learned" and dense is not None and best is not None and best > dense:
-            gap = f"{100 * (best - mean_ppl) / (best - dense):.0f}%"
+            share = 100 * (best - mean_ppl) / (best - dense)
+            gap = f"{share:.0f}%" if share > -1000 else "< -1000%"
         minutes = [float_or_zero(out / table / row / f"seed{s}" / "seconds.txt") / 60 for s in seeds]
         flops = [r.get("sparsity/train_flops_ratio") for r in recs if r.get("sparsity/train_flops_ratio") is not None]
+        trained = recs[0].get("tokens", 0) > 0
         rows.append([label, summary(ppl[row]), gap, f"{recs[0].get('tokens', 0):,}",
-                     summary(flops) if flops else "1.00", f"{sum(minutes) / max(1, len(recs)):.1f}", str(len(recs))])
+                     (summary(flops) if flops else "1.00") if trained else "-", f"{sum(minutes) / max(1, len(recs)):.1f}", str(len(recs))])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     if best is not None and dense is not None:

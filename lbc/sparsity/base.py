@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ from torch import distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lbc.errors import ConfigError
 from lbc.flops import MacProbe, TrainingFlops, layer_costs
@@ -65,10 +67,14 @@ def stored_weight(module: nn.Module) -> torch.Tensor:
 def attach_parametrization(module: nn.Module, parametrization: nn.Module) -> list[Any]:
     """Reparametrise ``module.weight`` in place, keeping its dense state-dict key ``weight``."""
     parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
-    return [
+    handles = [
         module.register_state_dict_post_hook(_save_dense_key),
         module.register_load_state_dict_pre_hook(_load_dense_key),
     ]
+    if isinstance(parametrization, MaskParametrization):
+        stored = module.parametrizations.weight.original
+        handles.append(module.register_load_state_dict_post_hook(lambda *_: parametrization.refold(stored)))
+    return handles
 
 
 def float_view(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -89,6 +95,114 @@ def float_view(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor
     if hit is None or hit[0] != key:
         hit = cache[name] = (key, buffer.to(dtype))
     return hit[1]
+
+
+def mask_is_full(module: nn.Module, name: str = "mask") -> bool:
+    """Whether the bool buffer ``name`` of ``module`` keeps everything, remade only when the buffer changed.
+
+    A full mask makes ``W * B`` the identity: the forward and backward then skip the multiply (an
+    LBC layer before its first removal, ASP's dense phase). Cached as :func:`float_view` is.
+    """
+    buffer = getattr(module, name)
+    if torch.compiler.is_compiling():
+        return False  # traced: one graph for every mask
+    key = (buffer._version, buffer.data_ptr())
+    cache = module.__dict__.setdefault("_full_masks", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, bool(buffer.all()))
+    return hit[1]
+
+
+# Folded weights whose optimizer state still has to be masked, by id of the stored weight.
+_PENDING_STATE: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+_STATE_HOOK: Any = None
+
+
+def _mask_pending_optimizer_state(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer step pre-hook: mask the state of the folded weights this optimizer holds."""
+    if not _PENDING_STATE:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for key in [k for k in _PENDING_STATE if k in held]:
+        weight_ref, owner_ref = _PENDING_STATE.pop(key)
+        weight, owner = weight_ref(), owner_ref()
+        if weight is not None and owner is not None:
+            owner.mask_optimizer_state(weight, optimizer.state.get(weight, {}))
+
+
+class MaskParametrization(nn.Module):
+    """A parametrisation with a bool ``mask`` buffer (``B``) whose training forward can skip ``W * B``.
+
+    *Folding* (:meth:`fold`) zeroes the stored weight wherever the mask is 0 and keeps it so: before
+    the next step of every optimizer that holds the weight, its state shaped like the weight
+    (momentum, Adam's moments) is zeroed there too. The masked weight gradient then leaves those
+    zeros exactly in place under SGD, Adam(W), LAMB or LARS, with any weight decay, so the training
+    forward needs no multiply: the weight *is* ``B * W``. Only the gradient is masked, once. A state
+    the mask cannot be applied to (a factored second moment) unfolds the layer: the forward
+    multiplies again. Evaluation always multiplies (an EMA copy averages stored weights that were
+    never zeroed). A layer is folded only while its mask is fixed (ASP after its prune, LBC between
+    removals with ``removal=paper``), never a distributed (DTensor) or frozen weight. Loading a state
+    dict re-folds (:meth:`refold`). Writing a folded stored weight by hand breaks the promise.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folded = False
+
+    def forward_mask(self, weight: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, folded)`` for this forward: the float mask (None when it keeps everything) and whether
+        the stored weight may be used as it is (folded, in training mode)."""
+        if mask_is_full(self):
+            return None, True
+        return float_view(self, "mask", weight.dtype), self.folded and self.training
+
+    @torch.no_grad()
+    def fold(self, weight: nn.Parameter) -> None:
+        """Zero ``weight`` (the stored weight) where the mask is 0, and its optimizer state before the next step."""
+        if _is_dtensor(weight) or not weight.requires_grad:  # FSDP2 shards it (the mask is whole); a frozen
+            self.folded = False  # weight stays as it was loaded: multiply instead
+            return
+        weight.mul_(float_view(self, "mask", weight.dtype))
+        self.folded = True
+        global _STATE_HOOK
+        if _STATE_HOOK is None:
+            _STATE_HOOK = register_optimizer_step_pre_hook(_mask_pending_optimizer_state)
+        _PENDING_STATE[id(weight)] = (weakref.ref(weight), weakref.ref(self))
+
+    def refold(self, weight: nn.Parameter) -> None:
+        """After a state dict was loaded: fold again if folded (the loaded weight may not hold the zeros)."""
+        if self.folded:
+            self.fold(weight)
+
+    @torch.no_grad()
+    def mask_optimizer_state(self, weight: nn.Parameter, state: Mapping[str, Any]) -> None:
+        """Zero the entries of ``state`` shaped like ``weight`` where the mask is 0 (and the weight itself)."""
+        mask = self.mask
+        weight.mul_(float_view(self, "mask", weight.dtype))
+        for value in state.values():
+            if not torch.is_tensor(value) or value.numel() <= 1:
+                continue  # step counters
+            if value.shape != weight.shape:  # e.g. Adafactor's factored moments: cannot keep zeros in place
+                self.folded = False
+                log.info("sparsity: optimizer state of shape %s for a weight of shape %s: this layer multiplies "
+                         "by its mask in every forward instead", tuple(value.shape), tuple(weight.shape))
+                return
+            value.mul_(mask.to(value.dtype))
+
+    @torch.no_grad()
+    def keep_zeros(self, weight: nn.Parameter) -> None:
+        """Zero the stored weight where the mask is 0, unless folding keeps it so already."""
+        if not self.folded:
+            weight.mul_(float_view(self, "mask", weight.dtype))
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def average_gradient_across_processes(param: torch.Tensor) -> None:
@@ -364,8 +478,9 @@ class SparsityMethod:
         out = dict.fromkeys(self.layer_cost, 1.0)
         for name in self.layers:
             mask = self.layer_mask(name)
-            if mask is not None:
-                out[name] = float(mask.float().mean())
+            if mask is not None:  # a count, not a float mean: no float copy of the mask, exact beyond 2^24;
+                # rounded to float32 as the mean was (correctly rounded: a double rounding of a quotient is)
+                out[name] = float(torch.tensor(mask.count_nonzero().item() / mask.numel(), dtype=torch.float32))
         return out
 
     def step_cost(self, densities: dict[str, float] | None = None) -> float:

@@ -83,14 +83,16 @@ import torch
 from torch import nn
 
 from lbc.errors import ConfigError, is_number, require
-from lbc.sparsity.base import SparsityMethod, float_view
+from lbc.sparsity.base import MaskParametrization, SparsityMethod, float_view, mask_is_full
 from lbc.sparsity.nm import (
     NMPattern,
     candidate_matrix,
-    candidate_sums,
     candidates_containing,
     from_groups,
+    group_candidate_sums,
+    grouped_product,
     parse_pattern,
+    rank_along,
     rank_columns,
     to_groups,
 )
@@ -186,6 +188,9 @@ class LBCOptions(SparsityOptions):
 class _LBCMask(torch.autograd.Function):
     """Forward ``B * W`` (Eq. 7); backward: masked weight gradient and the STE score gradient.
 
+    ``mask=None`` means a full mask and ``alive=None`` every candidate alive (no multiply by
+    either); ``folded`` means the stored weight is ``B * W`` already (its pruned entries are exact
+    zeros, :class:`~lbc.sparsity.base.MaskParametrization`), so the forward returns it as it is.
     With ``grad_sink`` (a (G, M) buffer of the ``gradient`` criterion) the backward also adds
     ``|W * dL/dW_eff|`` to it: the only after-backward moment a method has. ``ctx`` keeps a
     reference to that module buffer (an accumulator, not a mask): saving it would trip autograd's
@@ -193,39 +198,47 @@ class _LBCMask(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, mask, alive, candidates, pattern, grad_sink=None):  # type: ignore[override]
+    def forward(ctx, weight, scores, mask, alive, candidates, pattern, grad_sink=None, folded=False):  # type: ignore[override]
         keep_weight = ctx.needs_input_grad[1] or grad_sink is not None
         ctx.save_for_backward(weight if keep_weight else None, mask, alive, candidates)
         ctx.grad_sink, ctx.pattern, ctx.score_dtype = grad_sink, pattern, scores.dtype
-        return weight * mask
+        return weight.view_as(weight) if folded or mask is None else weight * mask
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         weight, mask, alive, candidates = ctx.saved_tensors
-        grad_weight = grad_out * mask if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad_out if mask is None else grad_out * mask
         grad_scores = None
+        if ctx.needs_input_grad[1] or ctx.grad_sink is not None:
+            # Eq. 9-10: dL/dB = W * dL/d(B*W), grouped (G, M); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
+            products = grouped_product(weight, grad_out, ctx.pattern.m)
         if ctx.needs_input_grad[1]:
-            # Eq. 9-10: dL/dB = W * dL/d(B*W); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
-            grad_scores = candidate_sums(weight * grad_out, ctx.pattern).to(ctx.score_dtype) * alive
+            grad_scores = group_candidate_sums(products, ctx.pattern).to(ctx.score_dtype)
+            if alive is not None:
+                grad_scores.mul_(alive)
         if ctx.grad_sink is not None:
-            ctx.grad_sink.add_(to_groups(weight * grad_out, candidates.shape[1]).abs().to(ctx.grad_sink.dtype))
-        return grad_weight, grad_scores, None, None, None, None, None
+            ctx.grad_sink.add_(products.abs().to(ctx.grad_sink.dtype))
+        return grad_weight, grad_scores, None, None, None, None, None, None
 
 
 def lbc_mask(
     weight: torch.Tensor,
     scores: torch.Tensor,
-    mask: torch.Tensor,
-    alive: torch.Tensor,
+    mask: torch.Tensor | None,
+    alive: torch.Tensor | None,
     candidates: torch.Tensor,
     grad_sink: torch.Tensor | None = None,
     pattern: NMPattern | None = None,
+    folded: bool = False,
 ) -> torch.Tensor:
     """Effective weight ``B * W`` whose backward sends the straight-through gradient to ``scores``
     (and adds ``|W * dL/dW_eff|`` grouped (G, M) to ``grad_sink`` when given). ``mask`` and
-    ``alive`` are 0/1 tensors, bool or (faster) of the weight's and scores' float dtypes."""
+    ``alive`` are 0/1 tensors, bool or (faster) of the weight's and scores' float dtypes; None means
+    all ones. ``folded``: the weight's pruned entries are exact zeros, the forward skips the multiply."""
     pattern = NMPattern(int(candidates[0].sum().item()), candidates.shape[1]) if pattern is None else pattern
-    return _LBCMask.apply(weight, scores, mask, alive, candidates, pattern, grad_sink)
+    return _LBCMask.apply(weight, scores, mask, alive, candidates, pattern, grad_sink, folded)
 
 
 _FAST_PATH_MAX_CANDIDATES = 8
@@ -239,8 +252,8 @@ def mask_from_alive(alive: torch.Tensor, pattern: NMPattern, shape: torch.Size) 
     For up to 16 candidates the membership is a few ORs of alive columns per position, several
     times faster on CPU than the (G, C) @ (C, M) product used beyond that.
     """
-    if pattern.num_candidates > 2 * _FAST_PATH_MAX_CANDIDATES:
-        kept = (alive.float() @ candidate_matrix(pattern, alive.device)) > 0
+    if pattern.num_candidates > 2 * _FAST_PATH_MAX_CANDIDATES or alive.device.type != "cpu":  # few kernels
+        kept = (alive.float() @ candidate_matrix(pattern, alive.device)) > 0  # 0/1 sums: exact even in TF32
     else:
         columns = alive.unbind(1)
         kept = alive.new_empty(alive.shape[0], pattern.m)
@@ -256,10 +269,13 @@ def removal_position(values: torch.Tensor) -> torch.Tensor:
     sorted ascending, ties by index.
 
     Up to 8 candidates (2:4, 1:4, 1:8) :func:`~lbc.sparsity.nm.rank_columns` over the C columns
-    (no sort: several times faster on CPU for small C); beyond, the inverse of a stable argsort.
+    (no sort: several times faster on CPU for small C; :func:`~lbc.sparsity.nm.rank_along` off the
+    CPU, in a few kernels); beyond, the inverse of a stable argsort.
     Both are vectorised over the groups.
     """
     if values.shape[1] <= _FAST_PATH_MAX_CANDIDATES:
+        if values.device.type != "cpu":  # a few kernels instead of ~50 small ones
+            return rank_along(values, 1).to(torch.int8)
         return torch.stack(rank_columns(values.unbind(1)), 1)
     order = values.argsort(dim=1, stable=True)
     dtype = torch.int8 if values.shape[1] <= 127 else torch.int32  # int8 as rank_columns gives
@@ -299,8 +315,14 @@ def candidate_index(groups: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     return order[position]
 
 
-class LBCParametrization(nn.Module):
-    """Per-layer LBC state: scores S (G x C), alive set (G x C) and the mask B it implies."""
+class LBCParametrization(MaskParametrization):
+    """Per-layer LBC state: scores S (G x C), alive set (G x C) and the mask B it implies.
+
+    With ``foldable`` (``removal=paper``, where a removed weight never comes back, no gradient
+    criterion, which reads the pruned weights, and trained weights) the mask is folded into the stored weight after every
+    removal (:class:`~lbc.sparsity.base.MaskParametrization`): the training forward skips ``B * W``.
+    The pruned stored weights are then zero instead of decaying; nothing reads them.
+    """
 
     def __init__(
         self,
@@ -309,8 +331,10 @@ class LBCParametrization(nn.Module):
         score_init: float,
         track_gradient: bool = False,
         score_dtype: torch.dtype = torch.float32,
+        foldable: bool = False,
     ) -> None:
         super().__init__()
+        self.foldable = self.folded = foldable  # a full mask is folded already
         self.pattern = pattern
         groups = weight.numel() // pattern.m
         candidates = candidate_matrix(pattern, weight.device)
@@ -328,9 +352,10 @@ class LBCParametrization(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         sink = self.grad_accum if self.tracking else None
-        mask = float_view(self, "mask", weight.dtype)
-        alive = self.scores.new_ones(()) if self.grad_all else float_view(self, "alive", self.scores.dtype)
-        return lbc_mask(weight, self.scores, mask, alive, self.candidates, sink, self.pattern)
+        mask, folded = self.forward_mask(weight)
+        every = self.grad_all or mask_is_full(self, "alive")
+        alive = None if every else float_view(self, "alive", self.scores.dtype)
+        return lbc_mask(weight, self.scores, mask, alive, self.candidates, sink, self.pattern, folded)
 
     @torch.no_grad()
     def reselect(self, count: int, zero_removed: bool) -> bool:
@@ -339,25 +364,29 @@ class LBCParametrization(nn.Module):
         Exact zeros (scores removed before and not moved since) rank below everything, as the
         released code's ``alphas -= (alphas == 0) * 1000`` makes them; ties go to the lower index.
         With ``zero_removed`` the scores of the removed are set to 0 (the released code; momentum
-        can move them off 0 again). Returns whether the mask changed.
+        can move them off 0 again). Returns whether the mask changed (off the CPU: True, not compared).
+
+        Runs before every step: the mask's cost is not looked at here (see :meth:`LBC._reselect`),
+        and the removed scores are zeroed by a multiply with the cached 0/1 alive set.
         """
         values = self.scores.detach().float()  # low-precision scores: rank them exactly as stored
-        values = values - 1000.0 * (values == 0).to(values.dtype)
-        alive = removal_position(values) >= count
-        if zero_removed:
-            self.scores.masked_fill_(~alive, 0.0)
-        if torch.equal(alive, self.alive):
-            return False
-        self.alive.copy_(alive)
-        self.mask.copy_(mask_from_alive(self.alive, self.pattern, self.mask.shape))
-        return True
+        keys = values.add(values.eq(0).to(values.dtype), alpha=-1000.0)
+        alive = removal_position(keys) >= count
+        # on CPU the comparison spares rebuilding an unchanged mask; elsewhere it would wait for the device
+        changed = alive.device.type != "cpu" or not torch.equal(alive, self.alive)
+        if changed:
+            self.alive.copy_(alive)
+            self.mask.copy_(mask_from_alive(alive, self.pattern, self.mask.shape))
+        if zero_removed:  # far faster than masked_fill_ on CPU (-0.0 where a score was negative: equal to 0)
+            self.scores.mul_(float_view(self, "alive", self.scores.dtype))
+        return changed
 
     @torch.no_grad()
-    def remove(self, count: int, values: torch.Tensor) -> None:
+    def remove(self, count: int, values: torch.Tensor, weight: nn.Parameter | None = None) -> None:
         """Remove the ``count`` lowest-valued alive candidates of every group (Alg. 1, line 7).
 
         Ties go to the lower candidate index (:func:`removal_position`), so every process removes
-        the same.
+        the same. ``weight``, the stored weight, is folded with the new mask when the layer is foldable.
         """
         if count <= 0:
             return
@@ -367,6 +396,8 @@ class LBCParametrization(nn.Module):
         ranked = values.float().masked_fill(~self.alive, math.inf)
         self.alive &= removal_position(ranked) >= limit
         self.mask.copy_(mask_from_alive(self.alive, self.pattern, self.mask.shape))
+        if self.foldable and weight is not None:
+            self.fold(weight)
         if self.grad_accum is not None:
             self.grad_accum.zero_()  # the gradient criterion counts the steps since the last removal
 
@@ -391,6 +422,7 @@ class LBC(SparsityMethod):
         self.removed = 0
         self._prior_given = False  # start_from gave the prior's masks (or a checkpoint restored their scores)
         self._settled = False  # released removal: the final selection is made (repeated only if scores train)
+        self._cost_epoch: int | None = None  # released removal: the epoch whose step cost was last looked at
         self._frozen_scores: set[int] = set()  # ids of the scores this method turned requires_grad off for
         self._check_memory(model, pattern)
         super().__init__(model, options, input_size)
@@ -406,7 +438,13 @@ class LBC(SparsityMethod):
     # --- the method ---------------------------------------------------------------------------
     def parametrization(self, name: str, module: nn.Module) -> nn.Module:
         return LBCParametrization(module.weight, self.pattern, self.score_init, self.criterion == "gradient",
-                                  self.score_dtype)
+                                  self.score_dtype, foldable=self.folds_masks)
+
+    @property
+    def folds_masks(self) -> bool:
+        """Whether removals fold the mask into the stored weight (:class:`LBCParametrization`): with
+        ``removal=paper``, no gradient criterion and trained weights (frozen ones stay as loaded)."""
+        return self.removal == "paper" and self.criterion != "gradient" and self.train_weights
 
     def _freeze_weights(self) -> None:
         """``train_weights=false``: every parameter of the model but the scores stops training (embeddings,
@@ -515,7 +553,7 @@ class LBC(SparsityMethod):
             return
         for module in self.layers.values():
             state, weight = module.parametrizations.weight[0], module.parametrizations.weight.original
-            state.remove(target - self.removed, self.candidate_values(state, weight))
+            state.remove(target - self.removed, self.candidate_values(state, weight), weight)
         self.removed = target
         self._freeze_if_final()
         self._record_cost()
@@ -534,8 +572,13 @@ class LBC(SparsityMethod):
         self._settled = final
         if grew:
             self._freeze_if_final()
-        if grew or changed and self._cost_moved():
+        # the masks can change at every step: their cost is looked at once per epoch (a step's cost is a
+        # pass over every mask), and recorded when it moved
+        epoch = math.floor(self.epoch)
+        if grew or changed and epoch != self._cost_epoch and self._cost_moved():
             self._record_cost()
+        if grew or changed:
+            self._cost_epoch = epoch
 
     def _cost_moved(self, tolerance: float = 1e-3) -> bool:
         """Whether the step cost moved by more than ``tolerance`` since the last recorded entry.

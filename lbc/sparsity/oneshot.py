@@ -30,7 +30,7 @@ from torch import nn
 
 from lbc.errors import ConfigError, is_number, require
 from lbc.sparsity.asp import ASPParametrization
-from lbc.sparsity.base import SparsityMethod, float_view
+from lbc.sparsity.base import SparsityMethod
 from lbc.sparsity.nm import NMPattern, parse_pattern, topn_mask
 from lbc.sparsity.options import SparsityOptions
 from lbc.sparsity.registry import METHODS
@@ -189,11 +189,10 @@ class OneShot(SparsityMethod):
         self.check_start_from(masks, weights)
         states = self._states()
         for name, (weight, state) in states.items():
-            state.mask.copy_(masks[name].to(torch.bool))
             if weights is not None:
                 weight.copy_(weights[name])
+            state.set_mask(masks[name].to(torch.bool), weight)
         self.pruned = True
-        self._zero_pruned()
         self._record_cost()
         log.info("%s: %d layers start from %s masks%s", self.name, len(states), self.pattern,
                  " and reconstructed weights" if weights is not None else "")
@@ -201,7 +200,7 @@ class OneShot(SparsityMethod):
     @torch.no_grad()
     def _zero_pruned(self) -> None:
         for weight, state in self._states().values():
-            weight.mul_(float_view(state, "mask", weight.dtype))
+            state.keep_zeros(weight)  # nothing to do while folded: the zeros stay in place
 
     def update(self, epoch: float) -> None:
         """Advance the clock; once the masks are set, keep the stored pruned weights at 0 (as ASP does)."""

@@ -67,11 +67,14 @@ class _SRSTEMask(torch.autograd.Function):
         ctx.lambda_w = lambda_w
         ctx.save_for_backward(weight, pruned)
         ctx.mark_non_differentiable(mask)
-        return weight - weight * pruned, mask
+        ctx.set_materialize_grads(False)  # no zeros made for the mask's (absent) gradient
+        return torch.addcmul(weight, weight, pruned, value=-1.0), mask  # W - W * pruned in one pass
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask):  # type: ignore[override]
         weight, pruned = ctx.saved_tensors
+        if grad_out is None:  # nothing used the masked weight
+            return None, None, None, None
         grad_weight = torch.addcmul(grad_out, weight, pruned, value=ctx.lambda_w)
         return grad_weight, None, None, None
 

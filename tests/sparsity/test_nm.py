@@ -81,6 +81,24 @@ def test_candidate_sums_match_the_incidence_matrix(pattern, shape):
     torch.testing.assert_close(candidate_sums(values, pattern), expected)
 
 
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(1, 4), NMPattern(3, 4), NMPattern(2, 8), NMPattern(4, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gathered_sums_off_cpu_equal_the_product_on_cpu(pattern, dtype, monkeypatch):
+    """GPUs (and compiled graphs) gather the members and sum them; CPUs multiply by A^T: the same sums,
+    bit for bit up to N = 2 (the other terms of the product are exact zeros)."""
+    from lbc.sparsity.nm import group_candidate_sums
+
+    groups = torch.randn(64, pattern.m).to(dtype)
+    on_cpu = group_candidate_sums(groups, pattern)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the gather path, as off the CPU
+    gathered = group_candidate_sums(groups, pattern)
+    assert gathered.dtype == on_cpu.dtype == dtype and gathered.shape == (64, pattern.num_candidates)
+    if pattern.n <= 2:
+        assert torch.equal(gathered, on_cpu)
+    else:
+        torch.testing.assert_close(gathered.float(), on_cpu.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("count", [2, 4, 6, 8, 16])
 @pytest.mark.parametrize("descending", [False, True])
 def test_rank_columns_is_a_stable_sort_position(count, descending):
@@ -120,3 +138,30 @@ def test_topn_mask_keeps_the_n_largest_magnitudes(pattern, shape):
     assert (to_groups(mask, pattern.m).sum(1) == pattern.n).all()
     if pattern.m <= 8:  # the ranked path: ties keep the lower index (topk beyond: unspecified)
         assert torch.equal(mask, _reference_topn(tied, pattern))
+
+
+@pytest.mark.parametrize("count", [2, 4, 6, 8])
+@pytest.mark.parametrize("descending", [False, True])
+def test_rank_along_is_rank_columns_in_a_few_kernels(count, descending):
+    """The broadcast ranking used off the CPU orders exactly as the pairwise one (ties included)."""
+    from lbc.sparsity.nm import rank_along, rank_columns
+
+    gen = torch.Generator().manual_seed(count)
+    values = torch.randint(0, 3, (5, count, 7), generator=gen).float()  # many ties
+    values[0] = torch.randn(count, 7, generator=gen)
+    expected = torch.stack(rank_columns(values.unbind(1), descending=descending), 1)
+    assert torch.equal(rank_along(values, 1, descending=descending).to(torch.int8), expected)
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(1, 4), NMPattern(3, 8)])
+def test_topn_mask_off_the_cpu_path_keeps_the_same_weights(pattern):
+    """topn_mask's broadcast path (taken on a GPU) gives the CPU path's mask, ties included."""
+    from lbc.sparsity import nm
+
+    gen = torch.Generator().manual_seed(pattern.m)
+    for shape in ((8, 16), (4, 16, 3, 3)):
+        weight = torch.randint(-2, 3, shape, generator=gen).float()
+        on_cpu = nm.topn_mask(weight, pattern)
+        grouped = weight.abs().unflatten(1, (shape[1] // pattern.m, pattern.m))
+        off_cpu = (nm.rank_along(grouped, 2, descending=True) < pattern.n).flatten(1, 2)
+        assert torch.equal(off_cpu, on_cpu)

@@ -130,8 +130,13 @@ def test_start_from_sets_the_masks_and_the_forward_uses_them(method):
     sp.finalize()
 
 
-def test_sparsegpt_start_from_copies_the_weights_and_update_keeps_pruned_zero():
+def test_sparsegpt_start_from_copies_the_weights_and_training_keeps_pruned_zero():
     model = _net()
+    # momentum and weight decay from a dense step before the prune: the state at pruned positions is not zero
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    x = torch.randn(5, 8)
+    model(x).square().sum().backward()
+    opt.step()
     sp = lbc.sparsify(model, "sparsegpt", exclude=[])
     masks = _masks(model)
     weights = {n: torch.randn_like(stored_weight(model.get_submodule(n))) for n in masks}
@@ -139,14 +144,19 @@ def test_sparsegpt_start_from_copies_the_weights_and_update_keeps_pruned_zero():
     for name in masks:
         stored = stored_weight(model.get_submodule(name))
         assert torch.equal(stored, weights[name] * masks[name])
-    with torch.no_grad():
-        for name in masks:
-            stored_weight(model.get_submodule(name)).add_(1.0)  # what optimizer momentum could do
-    sp.update(3)
+    for step in range(3):
+        sp.update(step)
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
     for name in masks:
         stored = stored_weight(model.get_submodule(name))
-        assert bool((stored[~masks[name]] == 0).all())
-        assert torch.equal(stored[masks[name]], (weights[name] + 1.0)[masks[name]])
+        assert bool((stored[~masks[name]] == 0).all())  # the momentum was masked at the prune
+        assert not torch.equal(stored[masks[name]], weights[name][masks[name]])  # the kept weights trained
+    model.eval()
+    evaluated = model(x)
+    model.train()
+    assert torch.equal(model(x), evaluated)  # the training forward (no multiply) is the masked one
 
 
 @pytest.mark.parametrize("method", ONE_SHOT)

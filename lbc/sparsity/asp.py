@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lbc.errors import ConfigError, is_number, require
-from lbc.sparsity.base import MaskParametrization, SparsityMethod
+from lbc.sparsity.base import MaskParametrization, SparsityMethod, masked_gradient
 from lbc.sparsity.nm import topn_mask
 from lbc.sparsity.options import PRIORS, SparsityOptions
 from lbc.sparsity.registry import METHODS
@@ -86,7 +86,7 @@ class _FixedMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return (grad_out if mask is None else grad_out * mask), None, None
+        return masked_gradient(grad_out, mask), None, None
 
 
 class ASPParametrization(MaskParametrization):

@@ -114,6 +114,21 @@ def mask_is_full(module: nn.Module, name: str = "mask") -> bool:
     return hit[1]
 
 
+def masked_gradient(grad: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``grad * mask`` for a mask parametrisation's backward (``mask=None``: full, ``grad`` itself).
+
+    The incoming gradient of ``B * W`` is the layer's own (the convolution's or matmul's fresh weight
+    gradient), so it is masked in place: one pass that writes memory already in cache, about twice as
+    fast on CPU as a new tensor. Not when the gradient is a broadcast view (``weight.sum()``), of
+    another dtype, or part of a graph itself (``create_graph=True``).
+    """
+    if mask is None:
+        return grad
+    if grad.is_contiguous() and grad.dtype == mask.dtype and not torch.is_grad_enabled():
+        return grad.mul_(mask)
+    return grad * mask
+
+
 # Folded weights whose optimizer state still has to be masked, by id of the stored weight.
 _PENDING_STATE: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 _STATE_HOOK: Any = None

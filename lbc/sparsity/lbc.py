@@ -83,7 +83,7 @@ import torch
 from torch import nn
 
 from lbc.errors import ConfigError, is_number, require
-from lbc.sparsity.base import MaskParametrization, SparsityMethod, float_view, mask_is_full
+from lbc.sparsity.base import MaskParametrization, SparsityMethod, float_view, mask_is_full, masked_gradient
 from lbc.sparsity.nm import (
     NMPattern,
     candidate_matrix,
@@ -207,9 +207,6 @@ class _LBCMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         weight, mask, alive, candidates = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = grad_out if mask is None else grad_out * mask
         grad_scores = None
         if ctx.needs_input_grad[1] or ctx.grad_sink is not None:
             # Eq. 9-10: dL/dB = W * dL/d(B*W), grouped (G, M); dL/dS[g, j] = sum of dL/dB[g, i] over i in candidate j.
@@ -220,6 +217,7 @@ class _LBCMask(torch.autograd.Function):
                 grad_scores.mul_(alive)
         if ctx.grad_sink is not None:
             ctx.grad_sink.add_(products.abs().to(ctx.grad_sink.dtype))
+        grad_weight = masked_gradient(grad_out, mask) if ctx.needs_input_grad[0] else None  # last: may be in place
         return grad_weight, grad_scores, None, None, None, None, None, None
 
 

@@ -139,3 +139,28 @@ def test_frozen_released_and_gradient_layers_are_not_folded():
         state = model.fc.parametrizations.weight[0]
         assert not state.folded, options
         assert not state.mask.all() and torch.equal(stored_weight(model.fc), stored), options  # stored as they were
+
+
+def test_the_masked_gradient_is_right_for_broadcast_and_double_backward_gradients():
+    """The backward masks the incoming gradient in place only when it is the layer's own: a broadcast
+    gradient (``weight.sum()``) or one that is part of a graph (``create_graph``) is masked out of place."""
+    from lbc.sparsity.base import masked_gradient
+
+    layer = nn.Linear(8, 4)
+    sp = lbc.sparsify(layer, "asp", exclude=[], dense_epochs=0)
+    sp.update(0)
+    mask = layer.parametrizations.weight[0].mask
+    layer.weight.sum().backward()  # d/dW of a sum: an expanded (read-only) tensor of ones
+    assert torch.equal(stored_weight(layer).grad, mask.float())
+    stored_weight(layer).grad = None
+    (grad,) = torch.autograd.grad(layer.weight.square().sum(), stored_weight(layer), create_graph=True)
+    assert grad.requires_grad and torch.equal(grad.detach(), 2 * stored_weight(layer).detach() * mask)
+    own = torch.randn(4, 8)
+    with torch.no_grad():  # as in a backward without create_graph
+        assert masked_gradient(own, mask.float()) is own  # the layer's own gradient: masked in place
+        assert masked_gradient(own, None) is own
+        spread = torch.ones(()).expand(4, 8)
+        masked = masked_gradient(spread, mask.float())
+        assert masked is not spread and torch.equal(masked, mask.float())
+    kept = own.clone()
+    assert masked_gradient(own, mask.float()) is not own and torch.equal(own, kept)  # grad mode: out of place

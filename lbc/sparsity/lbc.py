@@ -390,9 +390,11 @@ class LBCParametrization(MaskParametrization):
             return
         # Never the last alive candidate of a group: a group whose alive set is smaller than the
         # schedule expects (weights restored without the method's state) keeps one.
-        limit = (self.alive.sum(dim=1, keepdim=True) - 1).clamp(min=0, max=count)
         ranked = values.float().masked_fill(~self.alive, math.inf)
-        self.alive &= removal_position(ranked) >= limit
+        position = removal_position(ranked)
+        # counted in the positions' (small) integer type: an int64 count would widen every position to compare
+        limit = (self.alive.sum(dim=1, keepdim=True, dtype=position.dtype) - 1).clamp_(min=0, max=count)
+        self.alive &= position >= limit
         self.mask.copy_(mask_from_alive(self.alive, self.pattern, self.mask.shape))
         if self.foldable and weight is not None:
             self.fold(weight)

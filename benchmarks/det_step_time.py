@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-step time of Faster R-CNN R50-FPN with each sparsity method over the dense step, one run.
 
-    python benchmarks/det_step_time.py                        # CPU: 2 images of 320x320, 5 rounds
+    python benchmarks/det_step_time.py                        # CPU: 2 images of 320x320, 15 rounds
     python benchmarks/det_step_time.py --device cuda --steps 30 --size 800 --batch 2
 
 The detector is mmdet's shipped config (``--config``, relative to mmdet's configs) built as users run
@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mmdet
 import torch
-from mmdet.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
-from mmdet.structures import DetDataSample
-from mmdet.utils import register_all_modules
-from mmengine.config import Config
-from mmengine.logging import MMLogger
-from mmengine.structures import InstanceData
 
-import lbc.detection.plugin  # noqa: F401  (registers SparseDetector and SparsityOptimWrapperConstructor)
-
-CONFIGS = Path(mmdet.__file__).parent / ".mim" / "configs"
+# mmdet, mmengine and lbc.detection are imported where they are used: ``--help`` works without them.
 
 # name -> (SparseDetector's sparsity dict, epoch the method is put at and updated to every step)
 VARIANTS: dict[str, tuple[dict[str, Any] | None, float]] = {
@@ -46,7 +38,11 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, float]] = {
     "srste": ({"method": "srste", "pattern": "2:4"}, 0),
     "asp_finetune": ({"method": "asp", "pattern": "2:4", "dense_epochs": 0}, 0),
 }
-DEFAULT_VARIANTS = ["dense", "lbc_removing", "lbc_after_t_f", "srste"]
+DEFAULT_VARIANTS = ["dense", "lbc_removing", "lbc_after_t_f", "srste", "asp_finetune"]
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
 
 def _sync(device: torch.device) -> None:
@@ -56,6 +52,9 @@ def _sync(device: torch.device) -> None:
 
 def synthetic_batch(batch: int, size: int, boxes: int = 3, seed: int = 0) -> dict[str, Any]:
     """``batch`` random ``size`` x ``size`` images with ``boxes`` random boxes each, as mmdet's loader yields them."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
     g = torch.Generator().manual_seed(seed)
     inputs, samples = [], []
     for _ in range(batch):
@@ -72,8 +71,14 @@ def synthetic_batch(batch: int, size: int, boxes: int = 3, seed: int = 0) -> dic
 
 def build(variant: str, config: str, device: torch.device) -> tuple[Any, Any, Any]:
     """(SparseDetector, its method, optimizer wrapper) for ``variant``, put at its epoch."""
+    import mmdet
+    from mmdet.registry import MODELS, OPTIM_WRAPPER_CONSTRUCTORS
+    from mmengine.config import Config
+
+    import lbc.detection.plugin  # noqa: F401  (registers SparseDetector and SparsityOptimWrapperConstructor)
+
     sparsity, epoch = VARIANTS[variant]
-    cfg = Config.fromfile(str(CONFIGS / config))
+    cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / config))
     detector = cfg.model  # a ConfigDict: mmdet's detectors read train_cfg.rpn as attributes
     detector.backbone.init_cfg = None  # mmdet's torchvision://resnet50 would download
     torch.manual_seed(0)
@@ -131,13 +136,16 @@ def time_steps(variants: list[str], config: str, data: dict[str, Any], steps: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=5, help="timed rounds")
+    parser.add_argument("--steps", type=int, default=15, help="timed rounds (the median is reported)")
     parser.add_argument("--batch", type=int, default=2, help="images per step")
     parser.add_argument("--size", type=int, default=320, help="image side in pixels")
     parser.add_argument("--config", default="faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py",
                         help="mmdet config, relative to mmdet's shipped configs")
     parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(VARIANTS)}")
     args = parser.parse_args()
+    from mmdet.utils import register_all_modules
+    from mmengine.logging import MMLogger
+
     register_all_modules()
     MMLogger.get_instance("det_step_time", log_level="WARNING")  # the current logger: no per-layer init lines
     device = torch.device(args.device)
@@ -148,16 +156,19 @@ def main() -> None:
     if "dense" not in variants:
         variants = ["dense", *variants]
     data = synthetic_batch(args.batch, args.size)
+    load_before = _load()
     seconds = time_steps(variants, args.config, data, args.steps, device)
+    load_after = _load()
     dense = seconds["dense"]
-    print(f"device={device} threads={torch.get_num_threads()} median of {args.steps} round-robin steps")
+    print(f"device={device} threads={torch.get_num_threads()} median of {args.steps} round-robin steps, "
+          f"load before {load_before}, after {load_after}")
     print(f"{args.config}, batch {args.batch} x {args.size}x{args.size}")
     print(f"{'variant':<16} {'ms/step':>10} {'x dense':>8} {'cpu min ms':>11} {'x dense':>8}")
     for v, s in seconds.items():
         print(f"{v:<16} {s['wall'] * 1e3:>10.1f} {s['wall'] / dense['wall']:>8.3f} "
               f"{s['cpu'] * 1e3:>11.1f} {s['cpu'] / dense['cpu']:>8.3f}")
     result = {"device": str(device), "threads": torch.get_num_threads(), "steps": args.steps, "batch": args.batch,
-              "size": args.size, "config": args.config,
+              "size": args.size, "config": args.config, "load_before": load_before, "load_after": load_after,
               "variants": {v: {"ms": s["wall"] * 1e3, "ratio": s["wall"] / dense["wall"], "cpu_min_ms": s["cpu"] * 1e3,
                                "cpu_ratio": s["cpu"] / dense["cpu"]} for v, s in seconds.items()}}
     print(json.dumps(result))

@@ -47,9 +47,10 @@ B_STEP=("$BENCH/step_time.py" --device cuda --steps 30)
 B_DET=("$BENCH/det_step_time.py" --device cuda --steps 10)
 B_INF=("$BENCH/inference.py" --device cuda --ort-batch-sizes --json "$WORK/inference.json")  # no onnxruntime rows
 B_LM=("$BENCH/lm_step_time.py" --device cuda --json "$WORK/lm_step_time.json")
+B_OPS=("$BENCH/op_count.py" --device cuda --json)  # kernel launches per training step, per method
 # Seconds each step may take at most (the budget left cuts them shorter); the report needs RESERVE at the end.
 declare -A CAP=([env]=40 [pytest]=200 [ddp_cls]=75 [ddp_lm]=75 [ddp_det]=120 [step_time]=90 [det_step_time]=90
-                [inference]=90 [lm_step_time]=75)
+                [inference]=90 [lm_step_time]=75 [op_count]=45)
 RESERVE=15
 # Detection runs only where mmcv's compiled ops import and were built with CUDA (mmcv builds from source:
 # far too slow for a lent machine); the dry run needs only what det_step_time.py --help imports.
@@ -447,6 +448,13 @@ if isinstance(data, dict):
 elif "step_time" in status:
     w("no JSON line in its log")
     w("")
+ops_log = work / "logs" / "op_count.log"
+w(f"### benchmarks/op_count.py: kernel launches per training step ({status.get('op_count', {}).get('status', 'not run')})")
+w("")
+if ops_log.exists():  # the script prints its own Markdown table (and a JSON line, left to the logs)
+    lines = [line for line in ops_log.read_text().splitlines() if line.startswith(("# ", "|"))]
+    w("\n".join(line.removeprefix("# ") for line in lines) if lines else "no table in its log")
+    w("")
 
 data = last_json_line(work / "logs" / "det_step_time.log")
 w(f"### benchmarks/det_step_time.py: Faster R-CNN training step ({status.get('det_step_time', {}).get('status', 'not run')})")
@@ -571,7 +579,8 @@ dry_run() {
     @script:step_time "${B_STEP[@]}" \
     "${det[@]}" \
     @script:inference "${B_INF[@]}" \
-    @script:lm_step_time "${B_LM[@]}"
+    @script:lm_step_time "${B_LM[@]}" \
+    @script:op_count "${B_OPS[@]}"
 }
 
 # --- the run on the GPU machine -------------------------------------------------------------------------------
@@ -641,6 +650,7 @@ run_all() {
   fi
   step inference "$PY" "${B_INF[@]}"
   step lm_step_time "$PY" "${B_LM[@]}"
+  step op_count "$PY" "${B_OPS[@]}"
   # 5. the report and the raw logs
   "$PY" "$SNIP/report.py" "$WORK" "$REPORT_DIR/gpu_report.md" "$BUDGET" "$BENCH"
   local report_rc=$?

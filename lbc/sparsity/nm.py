@@ -132,9 +132,13 @@ def group_candidate_sums(groups: torch.Tensor, pattern: NMPattern) -> torch.Tens
     no TF32 rounding of a GPU matmul. Both equal the members' sums bit for bit for N <= 2 (the
     product's other terms are exact zeros); beyond, up to the order of the additions.
     """
-    if groups.device.type == "cpu" and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # a constant of the graph (no functools.cache under dynamo)
+        subsets = itertools.combinations(range(pattern.m), pattern.n)
+        members = torch.tensor([i for s in subsets for i in s], device=groups.device)
+    elif groups.device.type == "cpu":
         return groups @ candidate_matrix(pattern, groups.device).to(groups.dtype).T
-    members = _candidate_members(pattern.n, pattern.m, groups.device)
+    else:
+        members = _candidate_members(pattern.n, pattern.m, groups.device)
     return groups.index_select(1, members).unflatten(1, (pattern.num_candidates, pattern.n)).sum(2)
 
 

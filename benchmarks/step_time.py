@@ -3,6 +3,7 @@
 
     python benchmarks/step_time.py                       # CPU: ResNet-18 at 16x224x224 and 64x32x32
     python benchmarks/step_time.py --device cuda --steps 50
+    python benchmarks/step_time.py --profile --sizes 64x32 --variants lbc_removing_late   # where the time goes
 
 Methods are measured round-robin (one step of each in turn), so drift of the machine hits all of
 them alike; the figure is the median step time over ``--steps`` rounds, as a ratio to dense. The
@@ -147,12 +148,38 @@ def time_dense_resnet50_step(device: torch.device, batch: int = 32, size: int = 
     return statistics.median(times)
 
 
+def profile_variants(variants: list[str], batch: int, size: int, steps: int, device: torch.device) -> None:
+    """Where the time goes: ms per step of each op (self time, ``torch.profiler``), each variant beside dense."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    for variant in variants:
+        fn = make_step(variant, batch, size, device)
+        fn()
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        for event in prof.key_averages():
+            per_op.setdefault(event.key, {})[variant] = event.self_cpu_time_total / 1e3 / steps
+    totals = {v: sum(ops.get(v, 0.0) for ops in per_op.values()) for v in variants}
+    base = variants[0]
+    rows = sorted(per_op.items(), key=lambda kv: -max(abs(kv[1].get(v, 0.0) - kv[1].get(base, 0.0)) for v in variants))
+    print(f"\nms per step by op (self CPU time, the mean of {steps} profiled steps), batch {batch} x {size}")
+    print(f"{'op':<44}" + "".join(f"{v:>24}" for v in variants))
+    print(f"{'total':<44}" + "".join(f"{totals[v]:>24.1f}" for v in variants))
+    for op, times in rows[:14]:
+        print(f"{op[:43]:<44}" + "".join(f"{times.get(v, 0.0):>24.1f}" for v in variants))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=15, help="timed rounds per setting (the median is reported)")
     parser.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(VARIANTS)}")
     parser.add_argument("--sizes", nargs="*", default=["16x224", "64x32"], help="BATCHxSIDE settings")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: each variant's ms per step by op beside dense (torch.profiler)")
     parser.add_argument("--resnet50-steps", type=int, default=3,
                         help="dense ResNet-50 steps (batch 32, 224 px) timed as the LBC update's yardstick; 0: skip")
     args = parser.parse_args()
@@ -163,6 +190,12 @@ def main() -> None:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if "dense" not in variants:
         variants = ["dense", *variants]
+    if args.profile:
+        print(f"load {load_average()}")
+        for setting in args.sizes:
+            batch, size = (int(v) for v in setting.split("x"))
+            profile_variants(variants, batch, size, min(args.steps, 5), device)
+        return
     result: dict = {"device": str(device), "threads": torch.get_num_threads(), "steps": args.steps,
                     "load_before": load_average()}
     print(f"device={device} threads={torch.get_num_threads()} median of {args.steps} round-robin steps, "

@@ -164,6 +164,7 @@ class MaskParametrization(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.folded = False
+        self.fold_allowed = True  # False: always multiply (FSDP2 shards the weight and its optimizer state)
 
     def forward_mask(self, weight: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """``(mask, folded)`` for this forward: the float mask (None when it keeps everything) and whether
@@ -175,8 +176,8 @@ class MaskParametrization(nn.Module):
     @torch.no_grad()
     def fold(self, weight: nn.Parameter) -> None:
         """Zero ``weight`` (the stored weight) where the mask is 0, and its optimizer state before the next step."""
-        if _is_dtensor(weight) or not weight.requires_grad:  # FSDP2 shards it (the mask is whole); a frozen
-            self.folded = False  # weight stays as it was loaded: multiply instead
+        if not self.fold_allowed or _is_dtensor(weight) or not weight.requires_grad:  # sharded (the mask is
+            self.folded = False  # whole), or frozen (it stays as it was loaded): multiply instead
             return
         weight.mul_(float_view(self, "mask", weight.dtype))
         self.folded = True

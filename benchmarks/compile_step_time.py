@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 import torch._dynamo
-from step_time import VARIANTS, make_step
+from step_time import VARIANTS, checked_device, checked_variants, make_step, parse_setting
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -207,30 +207,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="count the recompiles of a compiled lbc step that crosses t_f")
     parser.add_argument("--json", action="store_true", help="also print every figure as one JSON line, last")
     args = parser.parse_args(argv)
-    for name in args.variants:
-        if name not in VARIANTS:
-            parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    args.variants = checked_variants(parser, args.variants)
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps={args.steps} --warmup={args.warmup}: use steps >= 1 and warmup >= 0")
-    args.settings = []
-    for setting in args.sizes:
-        try:
-            batch, side = (int(v) for v in setting.split("x"))
-        except ValueError:
-            parser.error(f"--sizes {setting!r}: use BATCHxSIDE, e.g. 16x32")
-        if batch < 2 or side < 32:
-            parser.error(f"--sizes {setting}: use a batch >= 2 (BatchNorm in training) and a side >= 32")
-        args.settings.append((batch, side))
-    args.variants = ["dense", *dict.fromkeys(v for v in args.variants if v != "dense")]
+    args.settings = [parse_setting(parser, "--sizes", setting, min_batch=2) for setting in args.sizes]  # BatchNorm
+    args.device = checked_device(parser, args.device)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
-        return 2
+    device = args.device
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.variants))
     load_before = _load()
     print(f"# ResNet-18 (100 classes), compiled (backend {args.backend}, fullgraph=True), device {device}, "

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from step_time import VARIANTS, make_step
+from step_time import VARIANTS, checked_device, checked_variants, make_step, parse_setting
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that only describe existing memory (views, aliases, metadata), only allocate, or only mark a profiler
@@ -113,25 +113,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=8, help="ops listed per variant, by extra count vs dense")
     parser.add_argument("--json", action="store_true", help="also print every figure as one JSON line, last")
     args = parser.parse_args(argv)
-    for name in args.variants:
-        if name not in VARIANTS:
-            parser.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
-    try:
-        args.batch, args.side = (int(v) for v in args.size.split("x"))
-    except ValueError:
-        parser.error(f"--size={args.size!r}; use BATCHxSIDE, e.g. 2x32")
-    if args.batch < 1 or args.side < 32:
-        parser.error(f"--size={args.size}: use a batch >= 1 and a side >= 32 (ResNet-18 downsamples 32x)")
-    args.variants = ["dense", *dict.fromkeys(v for v in args.variants if v != "dense")]
+    args.variants = checked_variants(parser, args.variants)
+    args.batch, args.side = parse_setting(parser, "--size", args.size)
+    args.device = checked_device(parser, args.device)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
-        return 2
+    device = args.device
     rows = summarise(count_variants(args.variants, args.batch, args.side, device), args.top)
     print(f"# ResNet-18 (100 classes), batch {args.batch} x {args.side}x{args.side}, device {device}, "
           f"torch {torch.__version__}; aten ops of one training step after 2 warm-up steps, "

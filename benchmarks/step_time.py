@@ -46,6 +46,33 @@ VARIANTS: dict[str, tuple[dict, float]] = {
 }
 
 
+def checked_variants(parser: argparse.ArgumentParser, names: list[str]) -> list[str]:
+    """``names`` with dense first (always measured) and no repeats; a one-line usage error for an unknown one."""
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return ["dense", *dict.fromkeys(v for v in names if v != "dense")]
+
+
+def parse_setting(parser: argparse.ArgumentParser, flag: str, text: str, min_batch: int = 1) -> tuple[int, int]:
+    """``BATCHxSIDE`` as (batch, side); a one-line usage error unless batch >= ``min_batch`` and side >= 32."""
+    try:
+        batch, side = (int(v) for v in text.split("x"))
+    except ValueError:
+        parser.error(f"{flag} {text!r}: use BATCHxSIDE, e.g. 16x32")
+    if batch < min_batch or side < 32:
+        parser.error(f"{flag} {text}: use a batch >= {min_batch} and a side >= 32 (ResNet-18 downsamples 32x)")
+    return batch, side
+
+
+def checked_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` as a device; a one-line usage error for cuda where torch sees no GPU."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: torch sees no GPU here")
+    return device
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages (empty where the OS has none)."""
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
@@ -183,25 +210,20 @@ def main() -> None:
     parser.add_argument("--resnet50-steps", type=int, default=3,
                         help="dense ResNet-50 steps (batch 32, 224 px) timed as the LBC update's yardstick; 0: skip")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    variants = args.variants or [v for v, (o, _) in VARIANTS.items() if o["method"] in METHODS]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if "dense" not in variants:
-        variants = ["dense", *variants]
+    device = checked_device(parser, args.device)
+    variants = checked_variants(parser, args.variants or [v for v, (o, _) in VARIANTS.items() if o["method"] in METHODS])
+    settings = [parse_setting(parser, "--sizes", setting) for setting in args.sizes]
     if args.profile:
         print(f"load {load_average()}")
-        for setting in args.sizes:
-            batch, size = (int(v) for v in setting.split("x"))
+        for batch, size in settings:
             profile_variants(variants, batch, size, min(args.steps, 5), device)
         return
     result: dict = {"device": str(device), "threads": torch.get_num_threads(), "steps": args.steps,
                     "load_before": load_average()}
     print(f"device={device} threads={torch.get_num_threads()} median of {args.steps} round-robin steps, "
           f"load {result['load_before']}")
-    for setting in args.sizes:
-        batch, size = (int(v) for v in setting.split("x"))
+    for batch, size in settings:
+        setting = f"{batch}x{size}"
         seconds = time_steps(variants, batch, size, args.steps, device)
         print(f"\nResNet-18, batch {batch} x {size}x{size} (load {load_average()})")
         print(f"{'variant':<24} {'ms/step':>10} {'x dense':>8}")

@@ -36,7 +36,7 @@ except ImportError:  # a torch build without torch.distributed: nothing is ever 
 
 from lbc.errors import ConfigError
 from lbc.lm.model import decoder_blocks
-from lbc.sparsity.base import MaskParametrization
+from lbc.sparsity.base import disable_folding
 
 
 def shard(model: nn.Module, device: torch.device) -> nn.Module:
@@ -56,9 +56,7 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    for module in model.modules():  # the optimizer will hold shards: no folding of masks into weights
-        if isinstance(module, MaskParametrization):
-            module.fold_allowed = module.folded = False
+    disable_folding(model)  # the optimizer will hold shards: masks stay multiplies
     return model
 
 

@@ -103,7 +103,8 @@ class ASPParametrization(MaskParametrization):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         mask, folded = self.forward_mask(weight)
-        return _FixedMask.apply(weight, mask, folded)
+        plain = self.unrecorded(weight, folded)
+        return plain if plain is not None else _FixedMask.apply(weight, mask, folded)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor, weight: nn.Parameter) -> None:

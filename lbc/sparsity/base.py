@@ -173,6 +173,12 @@ class MaskParametrization(nn.Module):
             return None, True
         return float_view(self, "mask", weight.dtype), self.folded and self.training
 
+    def unrecorded(self, weight: torch.Tensor, folded: bool) -> torch.Tensor | None:
+        """The effective weight without the autograd function when no graph is recorded and the stored weight
+        is it already (folded or a full mask): a detached alias, as ``B * W`` under no_grad needs no grad
+        (an alias that required grad would look like a leaf to hooks such as FlopCounterMode's). Else None."""
+        return weight.detach() if folded and not torch.is_grad_enabled() else None
+
     @torch.no_grad()
     def fold(self, weight: nn.Parameter) -> None:
         """Zero ``weight`` (the stored weight) where the mask is 0, and its optimizer state before the next step."""
@@ -211,6 +217,14 @@ class MaskParametrization(nn.Module):
         """Zero the stored weight where the mask is 0, unless folding keeps it so already."""
         if not self.folded:
             weight.mul_(float_view(self, "mask", weight.dtype))
+
+
+def disable_folding(model: nn.Module) -> None:
+    """Keep every mask of ``model`` a multiply (no folding, :class:`MaskParametrization`): for an optimizer
+    that holds shards of the weights (FSDP2), whose state the fold could not mask."""
+    for module in model.modules():
+        if isinstance(module, MaskParametrization):
+            module.fold_allowed = module.folded = False
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

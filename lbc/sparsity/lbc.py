@@ -351,6 +351,9 @@ class LBCParametrization(MaskParametrization):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         sink = self.grad_accum if self.tracking else None
         mask, folded = self.forward_mask(weight)
+        plain = self.unrecorded(weight, folded)
+        if plain is not None:
+            return plain
         every = self.grad_all or mask_is_full(self, "alive")
         alive = None if every else float_view(self, "alive", self.scores.dtype)
         return lbc_mask(weight, self.scores, mask, alive, self.candidates, sink, self.pattern, folded)

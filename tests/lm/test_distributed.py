@@ -122,10 +122,13 @@ def fsdp_training(rank: int = 0, world: int = 1,
     (it zeroes the removed candidates'): the shards must take what it wrote."""
     from lbc.lm import fsdp
     from lbc.lm.evaluate import perplexity
+    from lbc.sparsity.base import disable_folding
 
     model, sp = tiny_llama(removal)
     if world > 1:
-        fsdp.shard(model, torch.device("cpu"))
+        fsdp.shard(model, torch.device("cpu"))  # which keeps the masks multiplies (no folding) ...
+    else:
+        disable_folding(model)  # ... as one process must, to train the same stored weights and momentum
     opt = sgd(model, sp)
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, 257, (STEPS, GLOBAL_BATCH, SEQ), generator=gen)

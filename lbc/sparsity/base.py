@@ -89,11 +89,18 @@ def float_view(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor
     buffer = getattr(module, name)
     if torch.compiler.is_compiling():  # traced: the compiler fuses the conversion into its kernels
         return buffer.to(dtype)
-    key = (buffer._version, buffer.data_ptr(), dtype)
-    cache = module.__dict__.setdefault("_float_views", {})
-    hit = cache.get(name)
+    return _derived(module, name, dtype, lambda: buffer.to(dtype))
+
+
+def _derived(module: nn.Module, name: str, tag: Any, make: Any) -> Any:
+    """``make()`` of the buffer ``name`` of ``module``, cached under ``tag`` until the buffer changes
+    (its version counter or storage; see :func:`float_view`)."""
+    buffer = getattr(module, name)
+    key = (buffer._version, buffer.data_ptr())
+    cache = module.__dict__.setdefault("_derived", {})
+    hit = cache.get((name, tag))
     if hit is None or hit[0] != key:
-        hit = cache[name] = (key, buffer.to(dtype))
+        hit = cache[(name, tag)] = (key, make())
     return hit[1]
 
 
@@ -103,15 +110,9 @@ def mask_is_full(module: nn.Module, name: str = "mask") -> bool:
     A full mask makes ``W * B`` the identity: the forward and backward then skip the multiply (an
     LBC layer before its first removal, ASP's dense phase). Cached as :func:`float_view` is.
     """
-    buffer = getattr(module, name)
     if torch.compiler.is_compiling():
         return False  # traced: one graph for every mask
-    key = (buffer._version, buffer.data_ptr())
-    cache = module.__dict__.setdefault("_full_masks", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        hit = cache[name] = (key, bool(buffer.all()))
-    return hit[1]
+    return _derived(module, name, "full", lambda: bool(getattr(module, name).all()))
 
 
 def masked_gradient(grad: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -138,6 +139,9 @@ def _mask_pending_optimizer_state(optimizer: torch.optim.Optimizer, args: Any, k
     """Global optimizer step pre-hook: mask the state of the folded weights this optimizer holds."""
     if not _PENDING_STATE:
         return
+    gone = [k for k, (weight_ref, owner_ref) in _PENDING_STATE.items() if weight_ref() is None or owner_ref() is None]
+    for key in gone:  # a model that no longer exists: nothing to mask, and no cost at later steps
+        del _PENDING_STATE[key]
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for key in [k for k in _PENDING_STATE if k in held]:
         weight_ref, owner_ref = _PENDING_STATE.pop(key)

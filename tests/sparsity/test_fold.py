@@ -164,3 +164,20 @@ def test_the_masked_gradient_is_right_for_broadcast_and_double_backward_gradient
         assert masked is not spread and torch.equal(masked, mask.float())
     kept = own.clone()
     assert masked_gradient(own, mask.float()) is not own and torch.equal(own, kept)  # grad mode: out of place
+
+
+def test_a_folded_model_that_is_gone_leaves_nothing_for_later_optimizer_steps():
+    import gc
+
+    from lbc.sparsity import base
+
+    model = nn.Linear(8, 4)
+    sp = lbc.sparsify(model, "asp", exclude=[], dense_epochs=0)
+    sp.update(0)  # folds: the weight waits for an optimizer step to mask its state
+    key = id(stored_weight(model))
+    assert key in base._PENDING_STATE
+    del model, sp
+    gc.collect()
+    other = nn.Linear(2, 2)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()  # any optimizer's step clears what is gone
+    assert key not in base._PENDING_STATE

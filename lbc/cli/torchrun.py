@@ -7,12 +7,30 @@ Options before the first ``key=value`` (or before ``--``) go to torchrun, the re
 When the ranks stop at start-up with our one-line error (exit status 2, printed by rank 0 only),
 torchrun's own report of the failed children (a traceback and a table per rank) is left out and the
 launcher exits 2 as well; any other failure is reported by torchrun as usual.
+``lbc-torchrun --help`` says so and points at ``lbc-train --help`` and ``torchrun --help``; it starts nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+
+HELP = """\
+usage: lbc-torchrun [torchrun options] [--] [lbc-train flags] [key=value ...]
+
+lbc-train on several processes or machines (DDP): torchrun -m lbc.cli.train, with a start-up error
+as one line and exit status 2. The arguments before the first key=value (or before --) are
+torchrun's options; the rest go to lbc-train (put lbc-train's flags, such as -m or --cfg job, after
+--: before it, -m is torchrun's).
+
+  lbc-torchrun --nproc_per_node=8 model=resnet50 data=imagenet data.root=/data/imagenet
+  lbc-torchrun --standalone --nproc_per_node=2 trainer=smoke
+  lbc-torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+      -- experiment=table1/resnet50_lbc_2x4 data.root=/data/imagenet
+
+More: lbc-train --help (the commands, config groups and options), torchrun --help (torchrun's own
+options), docs/runs.md "Many GPUs" (the batch per process, lr scaling).
+"""
 
 _AGENT_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api")
 
@@ -35,11 +53,15 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``lbc-torchrun`` console script."""
+    """The ``lbc-torchrun`` console script (``-h``/``--help`` anywhere: what it is, nothing started)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(HELP, end="", flush=True)
+        return
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    options, overrides = split_argv(list(sys.argv[1:] if argv is None else argv))
+    options, overrides = split_argv(argv)
     args = parse_args([*options, "-m", "lbc.cli.train", *overrides])
     for name in _AGENT_LOGGERS:
         logging.getLogger(name).addFilter(_DropConfigExits())

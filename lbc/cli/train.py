@@ -6,6 +6,10 @@ A bad value stops with one line ``error: <key> ...`` on stderr and exit status 2
 finds it while composing (an unknown key, a wrong type, a missing option) or our checks do.
 Under ``torchrun --nproc_per_node=K`` it trains with DDP.
 
+``lbc-train --help`` (``lbc/cli/help.py``) lists the commands, flags and every group's options, read
+from ``lbc/configs``; it is answered before torch and Hydra are imported (they are imported in the
+functions that use them), so it prints at once.
+
 Which function runs the job is config: ``task.runner`` (``task=classification``, the default:
 ``lbc.engine.trainer.run``; ``task=detection``: ``lbc.detection.runner.run``, MMDetection;
 ``task=lm``: ``lbc.lm.runner.run``, causal language models through transformers).
@@ -21,22 +25,24 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
-from omegaconf.errors import OmegaConfBaseException
-
-from lbc import config as lbc_config
+from lbc.cli import help as cli_help
 from lbc.errors import ConfigError, DataError
-from lbc.run import distributed, rundir, signals
+from lbc.run import rundir, signals
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# Hydra, OmegaConf, lbc.config and lbc.run.distributed (torch) are imported where they are used: not for --help
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def fail(message: str, status: int = 2) -> None:
     """Print ``error: <message>`` as one line on stderr (rank 0 only) and exit with ``status``."""
+    from lbc.run import distributed
+
     if distributed.rank() == 0 and os.environ.get("RANK", "0") == "0":
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     signals.exit_process(status)  # sys.exit; under torchrun, leave the process group first
@@ -83,6 +89,8 @@ class _HydraRaises:
 
 def _overrides(argv: list[str]) -> list[str]:
     """The command line's overrides, parsed by Hydra's own argument parser; a bad flag is a ConfigError."""
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
+
     parser = get_args_parser()
     parser.error = _bad_flag  # type: ignore[method-assign]  # argparse would print its usage and exit
     args, extra = parser.parse_known_args(argv)
@@ -99,6 +107,12 @@ def _bad_flag(message: str) -> NoReturn:
 def run_job(cfg: DictConfig) -> None:
     """One job: Hydra's output directory becomes ``run_dir``; errors are one line. After a failed start
     (a config or data error, an interrupt before training) the folder goes if nothing of a run is in it."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lbc import config as lbc_config
+
     out = HydraConfig.get().runtime.output_dir
     _job_dirs.append(out)
     with open_dict(cfg):
@@ -163,7 +177,7 @@ def _hydra_main(task: Callable[[DictConfig], None], argv: list[str]) -> None:
     """What ``@hydra.main(config_path=CONFIGS, config_name="train", version_base="1.3")`` runs, on ``argv``
     instead of ``sys.argv`` (Hydra's decorator parses ``sys.argv`` and has no other input)."""
     from hydra import version
-    from hydra._internal.utils import _run_hydra
+    from hydra._internal.utils import _run_hydra, get_args_parser
 
     version.setbase("1.3")
     parser = get_args_parser()
@@ -178,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     with their arguments instead of editing ``sys.argv``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if cli_help.wants_help(argv):  # ours, not Hydra's: fast, and it lists only what a user can choose
+        cli_help.print_help(argv)
+        return
+    from lbc import config as lbc_config
+    from lbc.run import distributed
+
     try:
         rundir.check_argv(argv)  # run_dir='' and the like: refused before Hydra creates anything there
         overrides = _overrides(argv)
@@ -194,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with raising:
             _hydra_main(task, argv)
+    except BrokenPipeError:  # `lbc-train --cfg job | head`: the reader left; not an error of the config
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+        signals.exit_process(0)
     except Exception as e:  # noqa: BLE001  (before a job starts, an error is about the command line or config)
         if raising.in_job or raising.user == "1":  # a job's own error, or the user asked for Hydra's full trace
             raise

@@ -7,7 +7,12 @@
 
 Writes DIR/model.safetensors (the model's own state-dict keys: load it with load_state_dict into the
 model built from DIR/config.yaml, e.g. lbc.export.load_exported(DIR)), DIR/config.yaml and
-DIR/report.json (per layer: pattern, density, N:M or not). Bad input: one line, exit 2.
+DIR/report.json (per layer: pattern, density, N:M or not). config.yaml also says how to feed the model:
+`preprocess` (the run's evaluation transform: input size, resize of the short side and interpolation,
+centre crop, pixels / divide, mean and std of the 0-1 values, image mode and channel order, NCHW
+float32) and `classes` (the class names, when the data has them: digits, or the folder run's train
+folders if they are still there); model.onnx carries both as JSON in its metadata (lbc.preprocess,
+lbc.classes), which examples/onnx_inference.py reads with onnxruntime alone. Bad input: one line, exit 2.
 
 A language-model run (task=lm) exports a transformers save_pretrained directory instead: DIR/model.safetensors,
 config.json, generation_config.json, the tokenizer's files, report.json and lbc_export.json (for lbc-check);
@@ -68,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                if report["max_abs_diff"] is not None else "outputs not checked (no input size)")
     onnx = (f", model.onnx (onnxruntime max |diff| {report['onnx']['onnxruntime_max_abs_diff']:.3g})"
             if "onnx" in report else "")
+    described = ", ".join(k for k in ("preprocess", "classes") if k in folded.config)
     print(f"exported {report['model']} ({report['method']} {report['pattern']}, epoch {report['epoch']}, "
-          f"{report['weights']} weights) to {args.out}: model.safetensors, config.yaml, report.json{onnx}; "
+          f"{report['weights']} weights) to {args.out}: model.safetensors, "
+          f"config.yaml{f' (with {described})' if described else ''}, report.json{onnx}; "
           f"{report['nm_layers']} layers {nm} {report['pattern']}, conv/linear weights {nonzero}/{params} non-zero; "
           f"{checked}")
     if args.accelerate:

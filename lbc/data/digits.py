@@ -40,6 +40,17 @@ def digits_split(labels: Sequence[int]) -> tuple[list[int], list[int]]:
     return sorted(train), sorted(val)
 
 
+def upscaled_digits(image_size: int) -> tuple[Tensor, Tensor, tuple[list[int], list[int]], tuple[Tensor, Tensor]]:
+    """``(images, labels, (train, val), (mean, std))``: the grey digits as (N, 1, H, W) in 0-1 (levels 0-16),
+    upscaled bilinearly to ``image_size``, and the train split's one mean and std (what the items are
+    normalised by; an export's preprocessing reads them from here)."""
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    train, val = digits_split(digits.target)
+    return images, torch.as_tensor(digits.target, dtype=torch.long), (train, val), (images[train].mean(), images[train].std())
+
+
 def build_digits(
     image_size: int = 32,
     train_augment: bool = False,
@@ -50,12 +61,7 @@ def build_digits(
 
     ``train_augment`` adds a small random affine (+-10 degrees, 10% shift, 0.9-1.1 scale) to train items.
     """
-    digits = load_digits()
-    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    labels = torch.as_tensor(digits.target, dtype=torch.long)
-    train, val = digits_split(digits.target)
-    mean, std = images[train].mean(), images[train].std()
+    images, labels, (train, val), (mean, std) = upscaled_digits(image_size)
     images = (images - mean) / std
     augment = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)) if train_augment else None
     found = Datasets(

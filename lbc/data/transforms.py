@@ -8,9 +8,12 @@ keys straight to ``timm.data.create_transform``, so the DeiT preset is DeiT's ow
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch import Tensor
+from torchvision import transforms
 
 from lbc.errors import ConfigError
 
@@ -84,6 +87,61 @@ def val_transform(
         mean=tuple(mean),
         std=tuple(std),
     )
+
+
+def _float32(values: Any) -> list[float]:
+    """float32 values as the shortest decimals that read back as the same float32 (0.485, not 0.48500001)."""
+    return [float(str(v)) for v in np.asarray(values, dtype=np.float32).reshape(-1)]
+
+
+def eval_preprocess(
+    image_size: int,
+    interpolation: str = "bilinear",
+    crop_pct: float = DEFAULT_CROP_PCT,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> dict[str, Any]:
+    """:func:`val_transform`'s steps as plain data, for an export's ``config.yaml`` and ONNX metadata.
+
+    Read off the transform timm builds (not recomputed), so they cannot drift from what evaluation does:
+    ``resize`` (short side to ``shorter_side``, long side ``int(shorter_side * long / short)``, PIL
+    ``interpolation``), ``center_crop`` [H, W] (offsets ``round((size - crop) / 2)``), ``divide`` (8-bit
+    pixels to 0-1), ``mean``/``std`` (of the 0-1 values, per channel). A step it cannot describe is an error.
+    """
+    recipe: dict[str, Any] = {"image_mode": "RGB", "channel_order": "RGB"}  # timm's ImageDataset: input_img_mode
+    for step in val_transform(image_size, interpolation, crop_pct, mean, std).transforms:
+        if isinstance(step, transforms.Resize) and isinstance(step.size, int) and step.max_size is None:
+            recipe["resize"] = {"shorter_side": step.size, "interpolation": step.interpolation.value}
+        elif isinstance(step, transforms.CenterCrop):
+            recipe["center_crop"] = [int(v) for v in step.size]
+        elif isinstance(step, transforms.ToTensor):
+            recipe["divide"] = 255.0  # to_tensor of an 8-bit PIL image
+        elif isinstance(step, transforms.Normalize):
+            recipe["mean"], recipe["std"] = _float32(step.mean), _float32(step.std)
+        else:
+            raise RuntimeError(f"eval_preprocess cannot describe the eval transform's step {step!r}")
+    if recipe["resize"]["shorter_side"] < min(recipe["center_crop"]):
+        raise ConfigError(f"data.crop_pct={crop_pct}: the eval transform would pad the image (crop larger than "
+                          "the resized image); use crop_pct <= 1")
+    return recipe
+
+
+def digits_preprocess(image_size: int = 32) -> dict[str, Any]:
+    """What the digits data set's items are, in :func:`eval_preprocess`'s terms, for an export's metadata.
+
+    The source is scikit-learn's 8x8 greyscale digits (levels 0-16, read as 0-1: bright ink on black),
+    upscaled bilinearly to ``image_size``, normalised by the train split's one mean and std and repeated
+    to 3 channels, as :func:`lbc.data.digits.build_digits` does (the tests check they agree).
+    """
+    from lbc.data.digits import upscaled_digits
+
+    mean, std = (_float32(v) * 3 for v in upscaled_digits(image_size)[3])
+    source = ("scikit-learn's 8x8 handwritten digits: greyscale, bright ink on a black background, the digit "
+              f"filling the square, levels 0-16 read as 0-1; upscaled (bilinear) to {image_size}x{image_size} and "
+              "repeated to 3 channels. Images of other digits should look alike: invert dark-on-light scans, "
+              "crop to the digit")
+    return {"image_mode": "L", "channel_order": "LLL", "resize": {"shorter_side": image_size, "interpolation": "bilinear"},
+            "center_crop": [image_size, image_size], "divide": 255.0, "mean": mean, "std": std, "source": source}
 
 
 class EvenMixup(Mixup):

@@ -1,7 +1,8 @@
 """The export directory: ``model.safetensors`` (the model's own state-dict keys), ``config.yaml`` (what
-:func:`load_exported` needs to build the model again), ``report.json`` (per layer: pattern, density,
-N:M or not) and, on request, ``model.onnx``; each written atomically, and read back by
-:func:`load_exported`."""
+:func:`load_exported` needs to build the model again, and how to feed it: the run's evaluation
+preprocessing and class names), ``report.json`` (per layer: pattern, density, N:M or not) and, on
+request, ``model.onnx`` (with the same preprocessing and class names in its metadata); each written
+atomically, and read back by :func:`load_exported` and :func:`read_preprocess`."""
 
 from __future__ import annotations
 
@@ -9,20 +10,34 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from lbc.errors import ConfigError, first_line
+from lbc.errors import ConfigError, DataError, first_line
 from lbc.export.check import read_weights
-from lbc.export.fold import Folded, Say, fold_checkpoint, load_state, load_training_checkpoint, silent
+from lbc.export.fold import (
+    Folded,
+    Say,
+    fold_checkpoint,
+    input_size_of,
+    load_state,
+    load_training_checkpoint,
+    silent,
+)
 from lbc.export.onnx import ONNX_FILE, ONNX_OPSET, export_onnx
 from lbc.io import atomic_write
 from lbc.models import build_model
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 FILES = ("model.safetensors", "config.yaml", "report.json")
+# model.onnx's metadata_props (onnxruntime: InferenceSession(...).get_modelmeta().custom_metadata_map), JSON values
+ONNX_PREPROCESS_KEY, ONNX_CLASSES_KEY = "lbc.preprocess", "lbc.classes"
 
 
 def report_json(report: Mapping[str, Any]) -> str:
@@ -65,7 +80,8 @@ def write_export(folded: Folded, out: str | Path, *, onnx: bool = False, opset: 
         if not folded.config.get("input_size"):
             raise ConfigError("--onnx needs the input size, which the run's config does not say: pass --input-size C H W")
         say(f"writing {out / ONNX_FILE} (opset {opset}) and checking it with onnxruntime")
-        report["onnx"] = export_onnx(folded.model, folded.config["input_size"], out / ONNX_FILE, opset=opset)
+        report["onnx"] = export_onnx(folded.model, folded.config["input_size"], out / ONNX_FILE, opset=opset,
+                                     metadata=onnx_metadata(folded))
     else:
         for stale in (out / ONNX_FILE, out / f"{ONNX_FILE}.data"):
             stale.unlink(missing_ok=True)
@@ -90,7 +106,97 @@ def export_run(source: str | Path, out: str | Path, *, ema: bool = False, onnx: 
         lm = fold_lm(ckpt, source=str(path), say=say)
         return lm, write_lm(lm, out, say=say)
     folded = fold_checkpoint(ckpt, ema=ema, source=str(path), say=say, input_size=input_size)
+    folded.config.update(describe_inputs(ckpt["config"], folded.config["input_size"], folded.config["num_classes"], say))
     return folded, write_export(folded, out, onnx=onnx, opset=opset, say=say)
+
+
+def onnx_metadata(folded: Folded) -> dict[str, str]:
+    """model.onnx's ``metadata_props``: the preprocessing and class names (JSON) and the model's facts."""
+    meta = {"lbc.model": str(folded.config["model"].get("name")), "lbc.method": str(folded.meta.get("method")),
+            "lbc.pattern": str(folded.pattern)}
+    for key, name in ((ONNX_PREPROCESS_KEY, "preprocess"), (ONNX_CLASSES_KEY, "classes")):
+        if folded.config.get(name) is not None:
+            meta[key] = json.dumps(folded.config[name])
+    return meta
+
+
+# --- what the model's input is: the run's evaluation preprocessing, its class names -------------
+
+
+def run_preprocess(config: Mapping[str, Any], input_size: list[int] | None, say: Say = silent) -> dict[str, Any] | None:
+    """The evaluation preprocessing of a classification run (its ``data`` config), for ``input_size`` [C, H, W].
+
+    From the data code itself (:func:`lbc.data.transforms.eval_preprocess`: the val transform timm
+    builds; :func:`~lbc.data.transforms.digits_preprocess`). An export at another (square) size than the
+    run's gets the run's recipe at that size, and says so. None (and a line said) when it is unknown.
+    """
+    from lbc.data.transforms import digits_preprocess, eval_preprocess
+
+    data = config.get("data") or {}
+    name, trained = data.get("name"), input_size_of(config)
+    if not input_size:
+        say("config.yaml: no preprocess (the input size is unknown)")
+        return None
+    size = int(input_size[1])
+    resized = trained is not None and list(trained) != list(input_size)
+    if resized and (input_size[1] != input_size[2] or trained[0] != input_size[0]):
+        say(f"config.yaml: no preprocess (the run's data is {trained}, the export's input {input_size})")
+        return None
+    if name == "folder":
+        keys = ("interpolation", "crop_pct", "mean", "std")
+        recipe = eval_preprocess(size, **{k: data[k] for k in keys if data.get(k) is not None})
+    elif name == "digits":
+        recipe = digits_preprocess(size)
+    elif name == "synthetic":
+        recipe = {"source": "synthetic data: random N(0, 1) tensors, no image preprocessing"}
+    else:
+        say(f"config.yaml: no preprocess (data.name={name!r} has no known evaluation transform)")
+        return None
+    if resized:
+        say(f"config.yaml: preprocess for {input_size} (the run evaluated at {trained}: its recipe at this size)")
+        recipe["note"] = f"the run evaluated at {trained}; exported for {list(input_size)} with its recipe at that size"
+    return {"input_size": [int(v) for v in input_size], "layout": "NCHW", "dtype": "float32", **recipe}
+
+
+def run_classes(config: Mapping[str, Any], num_classes: int, say: Say = silent) -> list[str] | None:
+    """The class names in label order, when the run's data has them (digits: "0".."9"; folder: the train folders).
+
+    A folder run's names are read as training read them (timm's folder reader on ``root/train_split``),
+    so that folder must still be there; None (and a line said) when it is not.
+    """
+    data = config.get("data") or {}
+    if data.get("name") == "digits":
+        from sklearn.datasets import load_digits
+
+        classes = [str(c) for c in load_digits().target_names]
+    elif data.get("name") == "folder" and data.get("root"):
+        from lbc.data.folder import ImageFiles, read_split
+
+        split_dir = Path(str(data["root"])).expanduser() / str(data.get("train_split") or "train")
+        say(f"reading the class names from {split_dir}")
+        try:
+            classes = ImageFiles(read_split(split_dir)).classes
+        except (DataError, OSError) as err:
+            say(f"no class names written: {first_line(err)}")
+            return None
+    else:
+        return None
+    if len(classes) != num_classes:
+        say(f"no class names written: the data has {len(classes)} classes, the model {num_classes}")
+        return None
+    return classes
+
+
+def describe_inputs(config: Mapping[str, Any], input_size: list[int] | None, num_classes: int,
+                    say: Say = silent) -> dict[str, Any]:
+    """config.yaml's ``preprocess`` and ``classes`` entries (those that are known) for a classification run."""
+    found = {"preprocess": run_preprocess(config, input_size, say), "classes": run_classes(config, num_classes, say)}
+    pre = found["preprocess"]
+    if pre and "resize" in pre:
+        say(f"preprocess: {pre['image_mode']} image, short side to {pre['resize']['shorter_side']} "
+            f"({pre['resize']['interpolation']}), centre crop {pre['center_crop']}, /{pre['divide']:g}, "
+            f"mean {pre['mean']}, std {pre['std']}, {pre['layout']} {pre['dtype']}")
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def load_exported(out: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -100,6 +206,43 @@ def load_exported(out: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     model = build_model(num_classes=int(config["num_classes"]), **dict(config["model"]))
     load_state(model, read_weights(out / "model.safetensors"), str(out / "model.safetensors"))
     return model.to(device).eval()
+
+
+def read_preprocess(out: str | Path) -> dict[str, Any] | None:
+    """The evaluation preprocessing an export's ``config.yaml`` holds (None if it has none: an older export).
+
+    Its class names, when known, are ``read_export_config(out / "config.yaml")["classes"]``.
+    """
+    return read_export_config(Path(out) / "config.yaml").get("preprocess")
+
+
+def preprocess_image(image: Image.Image | np.ndarray, preprocess: Mapping[str, Any] | str | Path) -> torch.Tensor:
+    """An image (PIL, or a uint8 H x W [x C] array) as the model's (C, H, W) float32 input, by ``preprocess``.
+
+    ``preprocess``: an export's (:func:`read_preprocess`) or its directory. torchvision's PIL resize and
+    centre crop, as the evaluation transform does them: for folder runs the very tensor evaluation gives;
+    digits were upscaled from 8x8 in float, which 8-bit images match to about 1/255.
+    """
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    if not isinstance(preprocess, Mapping):
+        where = Path(preprocess) / "config.yaml"
+        preprocess = read_preprocess(preprocess)
+        if preprocess is None:
+            raise ConfigError(f"{str(where)!r} has no preprocess entry: export the run again with this lbc-export")
+    if "resize" not in preprocess:
+        raise ConfigError(f"this export's input is not an image: {preprocess.get('source', 'no resize in preprocess')}")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"preprocess_image: pass a uint8 image array, not {image.dtype}")
+        image = Image.fromarray(image)
+    resize = preprocess["resize"]
+    image = TF.resize(image.convert(preprocess["image_mode"]), resize["shorter_side"],
+                      interpolation=TF.InterpolationMode(resize["interpolation"]))
+    x = TF.pil_to_tensor(TF.center_crop(image, list(preprocess["center_crop"]))).to(torch.float32)
+    x = (x / float(preprocess["divide"])).expand(int(preprocess["input_size"][0]), -1, -1)
+    return TF.normalize(x, list(preprocess["mean"]), list(preprocess["std"]))
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:

@@ -54,6 +54,9 @@ def test_export_outputs_equal_the_masked_training_model(method, trained, tmp_pat
     printed = capsys.readouterr().out
     assert "layers.1.0.conv2" in printed and "14 layers exactly 2:4" in printed
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model.safetensors", "report.json"]
+    assert "config.yaml (with preprocess, classes)" in printed
+    cfg = yaml.safe_load((out / "config.yaml").read_text())  # how to feed the model (tests/export/test_preprocess.py)
+    assert cfg["classes"] == [str(d) for d in range(10)] and cfg["preprocess"]["input_size"] == [3, 32, 32]
 
     weights = load_file(out / "model.safetensors")
     assert not any("parametrizations" in k or "scores" in k or k.endswith(".mask") for k in weights)

@@ -55,6 +55,8 @@ def test_wheel_ships_configs_dependencies_and_console_scripts(wheel):
     extras = {r.split(";", 1)[1].split("==")[-1].strip(" '\"") for r in meta.get_all("Requires-Dist") if ";" in r}
     assert {"test", "det", "export", "lm"} <= extras and {"det", "export", "lm", "test"} <= set(meta.get_all("Provides-Extra"))
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
+    # the MIT licence pyproject.toml declares, and its text, ship with the wheel
+    assert meta["License-Expression"] == "MIT" and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,28 +158,40 @@ V = TypeVar("V")
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` to a temp file beside ``path``, flushed to disk, then ``os.replace``: never half a file.
 
-    The one atomic writer of lbc (checkpoints, exports, converted backbones). The temp file is
-    ``.<name>.<random>.tmp`` (one left by a killed process is removed by
-    :func:`lbc.engine.checkpoint.clean_stale_temp`); the result gets the permissions the umask
-    gives a new file (``mkstemp``'s 0600 would make it private to its writer on a shared cluster).
+    The one atomic writer of lbc (checkpoints, config.yaml, metrics.jsonl rewrites, exports, converted
+    backbones). The temp file is ``.<name>.<8 random characters>.tmp`` (one left by a killed process is
+    removed by :func:`lbc.engine.checkpoint.clean_stale_temp`). The result has the permissions a plain
+    ``open(path, "w")`` would give a new file, ``0o666 & ~umask``: the temp file is created with mode 0o666
+    and the kernel applies the process umask (``tempfile.mkstemp``'s 0600 would make ``last.pt`` private to
+    its writer on a shared cluster), and that mode is set again after ``write`` in case it replaced the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    fd, tmp = _create_temp(path)
     try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask, as the kernel made it: no umask() round trip
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # write() may have replaced the file (os.replace into tmp)
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.<name>.<random>.tmp`` beside ``path``, opened (O_EXCL) with mode 0o666 less the umask."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name beside {path}")
 
 
 def strip_module_prefix(state: Mapping[str, V]) -> dict[str, V]:

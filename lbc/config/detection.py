@@ -125,7 +125,7 @@ class DetectionTrainerConfig:
     val_interval: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_interval: int = on_resume(IGNORE, default=50)  # iterations between log lines / TensorBoard train scalars
     checkpoint_interval: int = 1  # epochs between checkpoints (epoch_<n>.pth; the last epoch is always saved)
-    max_keep_checkpoints: int | None = None  # keep the newest N epoch checkpoints; null = all
+    max_keep_checkpoints: int | None = None  # keep the newest N epoch checkpoints; null = all (configs: 2)
     progress: bool = on_resume(IGNORE, default=True)  # mmengine's log lines on the console (run_dir/<time>/<time>.log keeps them anyway)
     deterministic: bool = False  # torch deterministic algorithms (mmengine randomness.deterministic)
     auto_scale_lr: int | None = on_resume(REFUSE, default=None)  # null: optim.lr as given; N: for a total batch N

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lbc.errors import ConfigError
-from lbc.io import read_pt
+from lbc.io import atomic_write, read_pt
 from lbc.sparsity import METHODS, SparsityMethod
 from lbc.sparsity.nm import parse_pattern
 
@@ -223,22 +221,17 @@ def save_backbone(payload: dict[str, Any], out: str | Path) -> Path:
         raise ConfigError(f"--out={str(out)!r}: write a .safetensors (or .pt) file")
     if out.is_dir():
         raise ConfigError(f"--out={str(out)!r} is a directory; name a file")
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta, tensors = payload["meta"], {k: v.contiguous() for k, v in payload["tensors"].items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         if out.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
         else:
             torch.save({META_KEY: meta, "tensors": tensors}, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    return atomic_write(out, write)  # lbc's one atomic writer: never half a file, permissions as the umask says
 
 
 def describe(payload: dict[str, Any]) -> str:

@@ -3,13 +3,16 @@
 mmengine owns the loop; the method needs five moments of it: before each train iteration (advance the
 schedule to the fractional epoch), the log moment (scalars into the message hub, so LoggerHook prints them
 and the visualiser's backends write them), the end of each validation (one record per epoch in
-``<work_dir>/metrics.jsonl``, the schema of :mod:`lbc.run.records`), saving and
+``<work_dir>/metrics.jsonl``, the schema of :mod:`lbc.run.records`, and its progress line
+``epoch 3/6: loss 1.2345  bbox_mAP 0.015  ...`` built from it by the formatter every lbc task uses), saving and
 loading a checkpoint (the schedule's bookkeeping and the RNG states travel with it, so a resumed run continues
 exactly), and the end of training (the method's final promise is checked).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from mmdet.registry import HOOKS
@@ -19,7 +22,7 @@ from mmengine.model import is_model_wrapper
 
 from lbc.engine.checkpoint import rng_state, set_rng_state
 from lbc.errors import ConfigError
-from lbc.run.records import MetricsRecord, sparsity_scalars
+from lbc.run.records import MetricsRecord, progress_line, sparsity_scalars
 from lbc.sparsity import SparsityMethod
 
 __all__ = ["SparsityHook", "find_sparsity"]
@@ -46,8 +49,10 @@ class SparsityHook(Hook):
         log_interval: train iterations between updates of the ``train/sparsity/<name>`` scalars in the
             message hub (also at each epoch's first and last iteration and whenever the masks change).
 
-    After each validation rank 0 appends ``{"epoch", "step", <val metrics>, "sparsity/<name>"...}`` to
-    ``<work_dir>/metrics.jsonl`` (:mod:`lbc.run.records`, the record every lbc task writes).
+    After each validation rank 0 appends ``{"epoch", "step", "train_loss", "lr", "seconds", <val metrics>,
+    "sparsity/<name>"...}`` to ``<work_dir>/metrics.jsonl`` (:mod:`lbc.run.records`, the record every lbc task
+    writes) and logs its progress line: to lbc's logger when logging is set up for it (``lbc-train``: the
+    console and ``<run_dir>/train.log``), else to mmengine's (a plain mmdet run).
     """
 
     priority = "NORMAL"  # runs before LoggerHook (BELOW_NORMAL): the logged scalars are this iteration's
@@ -58,8 +63,14 @@ class SparsityHook(Hook):
         self.log_interval = log_interval
         self._changed = False  # the last update changed the masks: log the scalars now
         self._rng_before_val: dict[str, Any] | None = None
+        self._since: tuple[int, float] | None = None  # (iteration, perf_counter) of the last record, or the start
 
     # --- training -----------------------------------------------------------------------------
+    def before_train(self, runner: Any) -> None:
+        """Start the clock of the first record (``train_loss`` and ``seconds`` count from here; after a resume,
+        from the resumed iteration)."""
+        self._since = (runner.iter, time.perf_counter())
+
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
         """Advance the method to the fractional epoch ``iter / iters per epoch`` (idempotent)."""
         sparsity = find_sparsity(runner.model)
@@ -101,10 +112,17 @@ class SparsityHook(Hook):
             self._rng_before_val = None
 
     def after_val_epoch(self, runner: Any, metrics: dict[str, float] | None = None) -> None:
-        """Append the record ``{"epoch", "step", <val metrics>, "sparsity/<name>"...}`` (rank 0): epochs and
-        iterations completed (mmengine has counted this epoch's before it validates)."""
-        record = {"epoch": runner.epoch, "step": runner.iter, **(metrics or {}), **sparsity_scalars(find_sparsity(runner.model))}
-        MetricsRecord(runner.work_dir, enabled=is_main_process()).append(record)
+        """Append the record ``{"epoch", "step", "train_loss", "lr", "seconds", <val metrics>, "sparsity/<name>"...}``
+        and log its progress line (rank 0): epochs and iterations completed (mmengine has counted this epoch's
+        before it validates); the training figures are those since the last record (:func:`_train_figures`)."""
+        record = {"epoch": runner.epoch, "step": runner.iter, **_train_figures(runner, self._since), **(metrics or {}),
+                  **sparsity_scalars(find_sparsity(runner.model))}
+        main = is_main_process()
+        written = MetricsRecord(runner.work_dir, enabled=main).append(record)
+        if main:
+            lbc_log = logging.getLogger("lbc")
+            (lbc_log if lbc_log.hasHandlers() else runner.logger).info(progress_line(written, runner.max_epochs))
+        self._since = (runner.iter, time.perf_counter())
 
     # --- checkpoints --------------------------------------------------------------------------
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
@@ -128,6 +146,24 @@ class SparsityHook(Hook):
             find_sparsity(runner.model).load_state_dict(checkpoint[STATE_KEY])
         if RNG_KEY in checkpoint:
             set_rng_state(checkpoint[RNG_KEY])
+
+
+def _train_figures(runner: Any, since: tuple[int, float] | None) -> dict[str, float]:
+    """``train_loss``: the mean of the message hub's ``train/loss`` (one value per iteration, RuntimeInfoHook's)
+    over the iterations since ``since``; ``lr``: the hub's ``train/lr`` of the last iteration (the first
+    parameter group's, as mmengine logs it); ``seconds`` since ``since``. ``{}`` without a training (a bare
+    ``runner.val()``)."""
+    if since is None:
+        return {}
+    iteration, t0 = since
+    scalars = runner.message_hub.log_scalars
+    out: dict[str, float] = {}
+    if "train/loss" in scalars and runner.iter > iteration:
+        out["train_loss"] = float(scalars["train/loss"].mean(runner.iter - iteration))
+    if "train/lr" in scalars:
+        out["lr"] = float(scalars["train/lr"].current())
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def _mask_versions(sparsity: SparsityMethod) -> tuple[int, ...]:

@@ -279,11 +279,7 @@ def _fit(t: Training, stop: GracefulStop) -> dict[str, Any]:
             done = epoch + 1
             t.last = {"epoch": done, "step": done * t.steps, **stats,
                       "skipped": stats["train_skipped"] + stats["val_skipped"], **sparsity_scalars(sp)}
-            run.record.append(t.last)
-            if main:
-                density = f"  density {t.last['sparsity/density']:.3f}" if "sparsity/density" in t.last else ""
-                log.info("epoch %d/%d: loss %.4f  top-1 %.2f  top-5 %.2f  lr %.2e%s  %.1fs", done, t.epochs,
-                         stats["train_loss"], stats["top1"], stats["top5"], stats["lr"], density, stats["seconds"])
+            run.evaluated(t.last, t.epochs)  # metrics.jsonl, and the epoch line from what it wrote
 
             keep = [name for name, at in milestones.items() if at == done]
             stopping = stop.agreed()  # a stop after the epoch's last step: save this whole epoch, then stop

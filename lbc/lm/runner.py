@@ -255,11 +255,7 @@ def _fit(t: LMTraining, stop: GracefulStop) -> dict[str, Any]:
         stats = evaluate(t)
         t.last = {"epoch": t.epoch(step), "step": step, "tokens": step * t.tokens_per_step, **extra, **stats,
                   **sparsity_scalars(sp)}
-        run.record.append(t.last)
-        if main:
-            loss = f"loss {extra['train_loss']:.4f}  " if "train_loss" in extra else ""
-            log.info("step %d/%d: %sval ppl %.3f  val loss %.4f  density %.3f  (%.0f tokens/s eval)", step, t.steps,
-                     loss, stats["ppl"], stats["val_loss"], t.last.get("sparsity/density", 1.0), stats["tokens_per_s"])
+        run.evaluated(t.last, t.steps, unit="step")  # metrics.jsonl, and the step line from what it wrote
 
     def save(step: int) -> None:
         nonlocal saved_step

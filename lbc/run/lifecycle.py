@@ -9,12 +9,14 @@ builds and trains what is its own and calls these steps, top to bottom::
         run.begin(device, "3 epochs x 10 steps", resumed_from=ckpt, resumed_epoch=2)
         with run.stop:                          # SIGTERM / a first Ctrl-C only ask (signals.GracefulStop)
             ...                                 # the task trains: run.started = True after its first step,
-            run.record.append({...})            # one record per evaluation (lbc.run.records: the schema),
+            run.evaluated({...}, total)         # one record per evaluation (lbc.run.records: the schema)
+                                                # and its progress line, built from what was written,
             raise run.stopped(epoch=..., ...)   # and on a stop the one line and signals.Stopped
         return run.done("top-1 55.00%", result) # the done line; every rank waits for the others
 
-What a new task supplies: its build and train, the schedule phrase of the start line and the
-headline of the done line (its metrics in a few words).
+What a new task supplies: its build and train, its records (the progress line of each is
+:func:`lbc.run.records.progress_line`'s, the same for every task), the schedule phrase of the start line
+and the headline of the done line (its metrics in a few words).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lbc.io import atomic_write
 from lbc.run import distributed, rundir
-from lbc.run.records import MetricsRecord
+from lbc.run.records import MetricsRecord, progress_line
 from lbc.run.signals import GracefulStop, Stopped, stop_message
 
 log = logging.getLogger("lbc")
@@ -99,6 +101,15 @@ class Run:
         elif resumed_epoch is not None:
             self.record.truncate_after(resumed_epoch)
         log.info("%s", start_line(self.cfg, device, schedule, resumed_from, resumed_epoch))
+
+    def evaluated(self, record: Mapping[str, Any], total: int, unit: str = "epoch") -> dict[str, Any]:
+        """Append one evaluation's ``record`` to ``metrics.jsonl`` and log its progress line (rank 0), built from
+        the record as written (:func:`~lbc.run.records.progress_line`: ``epoch 3/15: loss ...``; ``unit`` and
+        ``total``: ``epoch`` of the run's epochs, or ``step`` of its steps). Returns the record as written."""
+        written = self.record.append(record)
+        if self.is_main:
+            log.info("%s", progress_line(written, total, unit))
+        return written
 
     def stopped(self, *, epoch: int | None, step: int, written: bool, checkpoint: str | Path | None,
                 checkpoint_epoch: int = 0, explicit_resume: str | None = None) -> Stopped:

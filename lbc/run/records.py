@@ -7,13 +7,23 @@ evaluation (classification: every epoch; detection: every validation). Keys:
 - ``step`` (int): optimizer steps completed in the whole run (all epochs so far);
 - the task's metrics under their plain names. Classification: ``train_loss``, ``lr``,
   ``train_images``, ``train_skipped``, ``val_loss``, ``top1``, ``top5``, ``val_images``,
-  ``val_skipped``, ``ema_top1`` (with EMA), ``seconds``, ``skipped``. Detection: mmdet's validation
-  metrics as mmengine names them (``coco/bbox_mAP``, ``coco/bbox_mAP_50``, ..., ``coco/segm_mAP`` for
-  Mask R-CNN);
+  ``val_skipped``, ``ema_top1`` (with EMA), ``seconds``, ``skipped``. Detection: ``train_loss`` (mean
+  of mmengine's ``train/loss`` over the iterations since the last validation), ``lr`` (the last
+  iteration's, first parameter group), ``seconds`` (since the last validation, it included), and mmdet's
+  validation metrics as mmengine names them (``coco/bbox_mAP``, ``coco/bbox_mAP_50``, ...,
+  ``coco/segm_mAP`` for Mask R-CNN). Language models: ``tokens``, ``train_loss``, ``lr``, ``seconds``,
+  ``train_tokens_per_s``, ``ppl``, ``val_loss``, ``tokens_per_s``, ...;
 - the sparsity method's report scalars as ``sparsity/<name>`` (``sparsity/density``,
   ``sparsity/exact_nm``, ``sparsity/train_flops_ratio``, ... as the method reports them).
 
 NaN and inf are written as ``null`` (the line stays valid JSON); numpy and torch scalars as numbers.
+
+The console and ``train.log`` get one line per record, built from the record as written
+(:func:`progress_line`, :data:`LINE_FIELDS`: the same function for every task), so a run cannot print
+one thing and record another: ``epoch 3/15: loss 0.3178  top-1 26.94  top-5 87.50  lr 9.05e-02  density
+0.755  2.1s`` (classification), ``epoch 3/6: loss 1.2345  bbox_mAP 0.015  segm_mAP 0.025  lr 2.00e-02
+density 0.551  41.2s`` (detection), ``step 20/30: loss 2.9120  ppl 18.04  lr 3.00e-03  density 0.500
+1.2s`` (language models).
 
 Reading: a missing file is no record yet (``[]``). A line that is not a JSON object with an integer
 ``epoch`` raises :class:`MetricsError` (one line naming it, e.g. ``metrics.jsonl line 3 is not JSON``)
@@ -34,7 +44,22 @@ from lbc.io import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
-__all__ = ["METRICS_FILE", "MetricsError", "MetricsRecord", "last_metrics", "read_metrics", "sparsity_scalars"]
+__all__ = ["LINE_FIELDS", "METRICS_FILE", "MetricsError", "MetricsRecord", "last_metrics", "progress_line",
+           "read_metrics", "sparsity_scalars"]
+
+# The progress line's fields, in the order they print: (record key, label, format). One table for every task: a
+# line shows what its record holds, a key the record lacks is left out and a null (NaN, inf) prints as n/a.
+# ``seconds`` follows them as ``<value>s``.
+LINE_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("train_loss", "loss", ".4f"),
+    ("top1", "top-1", ".2f"),
+    ("top5", "top-5", ".2f"),
+    ("coco/bbox_mAP", "bbox_mAP", ".3f"),
+    ("coco/segm_mAP", "segm_mAP", ".3f"),
+    ("ppl", "ppl", ".2f"),
+    ("lr", "lr", ".2e"),
+    ("sparsity/density", "density", ".3f"),
+)
 
 
 class MetricsError(ValueError):
@@ -53,6 +78,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _shown(value: Any, spec: str) -> str:
+    """``value`` as ``format(value, spec)``; ``n/a`` for a null or anything that is not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    return format(value, spec)
+
+
+def progress_line(record: Mapping[str, Any], total: int, unit: str = "epoch") -> str:
+    """``<unit> <record[unit]>/<total>: loss 0.3178  top-1 26.94  ...  density 0.755  2.1s``: the one line a
+    run logs per evaluation, from the record as :meth:`MetricsRecord.append` wrote it (:data:`LINE_FIELDS`).
+
+    ``unit``: ``epoch`` (classification, detection) or ``step`` (language models, whose time is steps).
+    """
+    parts = [f"{label} {_shown(record[key], spec)}" for key, label, spec in LINE_FIELDS if key in record]
+    if "seconds" in record:
+        parts.append(f"{_shown(record['seconds'], '.1f')}s")
+    return f"{unit} {record[unit]}/{total}: " + "  ".join(parts)
 
 
 def _parse(text: str) -> list[tuple[int, str, dict[str, Any] | str]]:
@@ -111,17 +155,19 @@ class MetricsRecord:
 
             self.tb = SummaryWriter(log_dir=str(run_dir))
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        """Append one record (it must carry ``epoch`` and ``step``) as one flushed line."""
-        if not self.enabled:
-            return
+    def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one record (it must carry ``epoch`` and ``step``) as one flushed line; returns the record as
+        written (plain JSON values: what :func:`progress_line` prints), also when the writer is disabled."""
         clean = {k: _plain(v) for k, v in record.items()}
+        if not self.enabled:
+            return clean
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
         if self.tb is not None:
             self.scalars({k: v for k, v in clean.items() if k not in ("epoch", "step")}, clean["epoch"], prefix="epoch/")
             self.tb.flush()
+        return clean
 
     def scalars(self, values: Mapping[str, Any], step: int, prefix: str = "") -> None:
         """TensorBoard scalars ``<prefix><name>`` at ``step`` (numbers only; nothing without TensorBoard)."""

@@ -39,6 +39,12 @@ SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 _HELD: weakref.WeakSet[RunDirLock] = weakref.WeakSet()
 
+# What the folders on the way to a run directory were before this process created any of them
+# (note_parents, from check_argv: before Hydra makes its output directory): absolute path -> the names it
+# held then, None where it did not exist, _UNLISTED where it existed but could not be listed.
+_BEFORE: dict[str, frozenset[str] | None] = {}
+_UNLISTED: frozenset[str] = frozenset({"\0"})  # a name no folder holds: nothing below it counts as new
+
 
 def _close_in_child() -> None:
     """After a fork: the child drops its copy of every held lock's descriptor (the parent keeps the lock)."""
@@ -238,9 +244,86 @@ def claim(run_dir: str | os.PathLike[str]) -> RunDirLock | None:
 # --- after a failed start -----------------------------------------------------------------------
 
 
+def note_parents(path: str | os.PathLike[str]) -> None:
+    """Remember what ``path`` and the folders above it are now, up to the first that exists (and the names
+    that one holds), before this process creates any of them: :func:`remove_created_parents` later removes
+    only folders this note shows were made after it. Creates nothing; within one start (see
+    :func:`check_argv`, which begins a new note) a folder noted before keeps its first note."""
+    current = os.path.abspath(os.fspath(path))
+    while True:
+        exists = os.path.lexists(current)
+        if not exists:
+            names = None
+        elif os.path.isdir(current) and not os.path.islink(current):
+            try:
+                names = frozenset(os.listdir(current))
+            except OSError:
+                names = _UNLISTED
+        else:
+            names = _UNLISTED  # a file or a symlink where a folder will be: never removed
+        _BEFORE.setdefault(current, names)
+        parent = os.path.dirname(current)
+        if exists or parent == current:
+            return
+        current = parent
+
+
+def _created_here(path: str) -> bool:
+    """``path`` (absolute) was made after :func:`note_parents` looked: noted as absent, or below a folder
+    noted as absent, or a name its nearest noted parent did not hold then. Unknown: False."""
+    below: str | None = None  # the child of `current` on the way down to `path`
+    current = path
+    while True:
+        if current in _BEFORE:
+            names = _BEFORE[current]
+            if names is None:
+                return True
+            return below is not None and names is not _UNLISTED and os.path.basename(below) not in names
+        parent = os.path.dirname(current)
+        if parent == current:
+            return False
+        below, current = current, parent
+
+
+def remove_created_parents(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """After ``run_dir`` was removed: remove each folder above it that is empty now and was created by this
+    process (:func:`note_parents` recorded it as absent, or as a new name in a folder it listed); stop at the
+    first that is not. Returns the folders removed.
+
+    The safe rule: a folder whose state before the run is unknown (nothing noted it) stays, and so do the
+    current directory and those above it, symlinks, and a folder that holds anything (another run's
+    directory, a user's file). The one exception to "empty": a sweep folder this process created that holds
+    only Hydra's ``multirun.yaml`` (a multirun whose job failed at start-up; lbc-train then exits, so no job
+    of that sweep follows).
+    """
+    removed: list[Path] = []
+    cwd = os.path.realpath(os.getcwd())
+    current = os.path.dirname(os.path.abspath(os.fspath(run_dir)))
+    while current != os.path.dirname(current):
+        real = os.path.realpath(current)
+        if os.path.islink(current) or real == cwd or cwd.startswith(real.rstrip(os.sep) + os.sep):
+            break
+        if not _created_here(current):
+            break
+        try:
+            names = set(os.listdir(current))
+            if names == {"multirun.yaml"}:
+                os.unlink(os.path.join(current, "multirun.yaml"))
+            elif names:
+                break
+            os.rmdir(current)
+        except OSError:  # another process put something there just now, or it went already
+            break
+        removed.append(Path(current))
+        current = os.path.dirname(current)
+    return removed
+
+
 def remove_if_unused(run_dir: str | os.PathLike[str]) -> bool:
     """Remove ``run_dir`` if it holds no run: nothing but Hydra's ``.hydra/`` and ``train.log`` and our
-    ``.lock`` (what a run that failed at start-up leaves). Returns whether it was removed.
+    ``.lock`` (what a run that failed at start-up leaves), then the folders above it that this process
+    created for it and that are empty now (:func:`remove_created_parents`). Returns whether ``run_dir``
+    was removed.
 
     Never touches the current directory or one above it, a symlink, a directory with anything else
     in it (config.yaml, metrics.jsonl, last.pt: a run got going there), or one whose lock another
@@ -265,9 +348,10 @@ def remove_if_unused(run_dir: str | os.PathLike[str]) -> bool:
             (path / "train.log").unlink(missing_ok=True)
             (path / LOCK_NAME).unlink(missing_ok=True)
         path.rmdir()
-        return True
     except OSError:
         return False
+    remove_created_parents(path)
+    return True
 
 
 # Hydra flags after which no single-run output directory is made (multirun uses hydra.sweep.dir;
@@ -276,26 +360,59 @@ _NO_RUN_DIR = ("-m", "--multirun", "-c", "--cfg", "-h", "--help", "--hydra-help"
                "--shell-completion")
 
 
+def _static_prefix(value: str) -> str:
+    """The folders of a directory pattern before its first interpolation (``outputs/${now:...}`` -> ``outputs``)."""
+    if "${" not in value:
+        return value
+    head = value.split("${", 1)[0]
+    return head if head.endswith(("/", os.sep)) else os.path.dirname(head)
+
+
+def _default_dirs() -> list[str]:
+    """``run_dir`` and ``hydra.sweep.dir`` as lbc's shipped train.yaml writes them (patterns)."""
+    from omegaconf import OmegaConf
+
+    try:
+        train = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "train.yaml"),
+                                       resolve=False)  # the patterns as written (${now:...} is Hydra's resolver)
+        values = [train.get("run_dir"), train.get("hydra", {}).get("sweep", {}).get("dir")]
+    except Exception:  # noqa: BLE001  (no note: nothing above a run dir is removed)
+        return []
+    return [v for v in values if isinstance(v, str)]
+
+
 def check_argv(argv: list[str]) -> None:
     """Before Hydra creates its output directory: refuse an unusable ``run_dir=`` / ``hydra.run.dir=``
     override in ``argv`` (``lbc-train``'s arguments; ``run_dir=''`` would make Hydra write
     ``.hydra/`` and ``train.log`` into the current directory before any check of ours runs).
     Sweeps, interpolations, multirun/``--cfg``/``--help`` invocations and what does not parse are
     left to Hydra and to the trainer's own check.
+
+    It also notes (:func:`note_parents`) what the folders a run directory may be made in are now, before
+    Hydra creates any: the ``run_dir`` / ``hydra.run.dir`` / ``hydra.sweep.dir`` overrides, else lbc's
+    defaults (``outputs/...``, ``multirun/...``), up to their first interpolation; after a failed start
+    the ones this process created go again (:func:`remove_if_unused`).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if any(a in _NO_RUN_DIR or a.split("=", 1)[0] in _NO_RUN_DIR for a in argv):
-        return
     keys = ("run_dir", "hydra.run.dir")
-    wanted = [a for a in argv if not a.startswith("-") and "=" in a and a.lstrip("+").split("=", 1)[0] in keys]
-    if not wanted:
-        return
+    wanted = [a for a in argv if not a.startswith("-") and "=" in a
+              and a.lstrip("+").split("=", 1)[0] in (*keys, "hydra.sweep.dir")]
     try:
         parsed = OverridesParser.create().parse_overrides(wanted)
     except Exception:  # noqa: BLE001  (Hydra reports its own parse errors)
+        parsed = []
+    _BEFORE.clear()  # a new start: what the folders are now, before Hydra makes any
+    patterns = [o.value() for o in parsed if not o.is_sweep_override() and not o.is_delete()]
+    for pattern in [p for p in patterns if isinstance(p, str)] + _default_dirs():
+        if _static_prefix(pattern).strip():
+            note_parents(_static_prefix(pattern))
+
+    if any(a in _NO_RUN_DIR or a.split("=", 1)[0] in _NO_RUN_DIR for a in argv):
         return
     for o in parsed:
+        if o.key_or_group not in keys:
+            continue
         if o.is_sweep_override() or o.is_delete():
             continue
         value = o.value()

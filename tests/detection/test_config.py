@@ -56,7 +56,7 @@ def test_task_detection_defaults():
     assert cfg.data.name == "coco_shapes" and typed["data"].classes == list(CLASSES)
     assert (typed["optim"].lr, typed["optim"].momentum, typed["optim"].weight_decay) == (0.02, 0.9, 1e-4)
     assert typed["trainer"].auto_scale_lr is None and typed["trainer"].device == "auto"
-    assert typed["trainer"].max_keep_checkpoints == 3
+    assert typed["trainer"].max_keep_checkpoints == 2
     # the shapes set's own take on step_1x (schedule/for_data/coco_shapes_step_1x.yaml) ...
     assert (typed["schedule"].epochs, typed["schedule"].milestones, typed["schedule"].warmup_iters) == (6, [4, 5], 50)
     # ... which the command line still overrides; LBC's t_f follows: half the detection epochs

@@ -21,6 +21,8 @@ EPOCHS = 3
 TINY = ["task=detection", "data.train_images=8", "data.val_images=4", "data.image_size=64", "data.batch_size=4",
         "data.val_batch_size=4", f"schedule.epochs={EPOCHS}", "schedule.milestones=[2]", "schedule.warmup_iters=2",
         "trainer.log_interval=1", "trainer.progress=false"]
+EPOCH_LINE = re.compile(r"^epoch (\d+)/3: loss (\d+\.\d{4})  bbox_mAP (\d\.\d{3})  segm_mAP (\d\.\d{3})  "
+                        r"lr (\d\.\d{2}e-\d{2})  density (\d\.\d{3})  (\d+\.\d)s$", re.M)
 DONE = re.compile(r"^done: bbox mAP (\d\.\d{3})  segm mAP (\d\.\d{3})  \|  sparsity: density (\S+)  exact_nm (\S+)"
                   r".*\|  run dir: (.+)$", re.M)
 
@@ -69,15 +71,28 @@ def test_stop_resume_finish_and_run_again(tmp_path: Path):
     last = sorted(kept, key=lambda n: int(re.findall(r"\d+", n)[0]))[-1]
     assert f"resuming from {run_dir / last}" in done.stdout, done.stdout[-2000:]
     after = checkpoints(run_dir)
-    assert {k: after[k] for k in kept} == kept  # not started over
-    assert f"epoch_{EPOCHS}.pth" in after and (run_dir / "last_checkpoint").read_text().strip().endswith(
-        f"epoch_{EPOCHS}.pth")
+    assert all(after[k] == kept[k] for k in kept if k in after)  # not started over: none rewritten
+    # trainer.max_keep_checkpoints=2 (the default): the newest two epochs, the last one named for resume
+    assert sorted(after) == [f"epoch_{EPOCHS - 1}.pth", f"epoch_{EPOCHS}.pth"], after
+    assert (run_dir / "last_checkpoint").read_text().strip().endswith(f"epoch_{EPOCHS}.pth")
     rows = metrics(run_dir)
     assert rows[-1]["epoch"] == EPOCHS and "coco/bbox_mAP" in rows[-1] and "coco/segm_mAP" in rows[-1]
     assert rows[-1]["sparsity/exact_nm"] == 1.0 and rows[-1]["sparsity/density"] < 1.0  # LBC 2:4 by t_f = epochs / 2
     # the record's step: iterations of the whole run (8 images / batch 4 an epoch); a stop during an epoch's
     # validation (after its checkpoint) leaves that epoch without a record, so the epochs only increase
     assert all(r["step"] == 2 * r["epoch"] for r in rows) and [r["epoch"] for r in rows] == sorted({r["epoch"] for r in rows})
+    # one line per validation on the console (trainer.progress=false hides only mmengine's lines) and in
+    # train.log, from the record it wrote: the trained epochs of this run (the resumed one's are in train.log too)
+    printed = {int(m.group(1)): m.groups() for m in EPOCH_LINE.finditer(done.stdout)}
+    resumed_at = int(re.findall(r"\d+", last)[0])
+    assert sorted(printed) == list(range(resumed_at + 1, EPOCHS + 1)), done.stdout[-3000:]
+    for row in rows:
+        if row["epoch"] in printed:
+            assert printed[row["epoch"]][1:6] == (f"{row['train_loss']:.4f}", f"{row['coco/bbox_mAP']:.3f}",
+                                                  f"{row['coco/segm_mAP']:.3f}", f"{row['lr']:.2e}",
+                                                  f"{row['sparsity/density']:.3f}")
+    log = (run_dir / "train.log").read_text()
+    assert all(f"] epoch {e}/3: loss" in log for e in printed), log[-3000:]
     match = DONE.search(done.stdout)
     assert match, done.stdout[-2000:]
     bbox, segm, density, exact = (float(v) for v in match.groups()[:4])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -57,10 +59,16 @@ def test_resume_reproduces_the_uninterrupted_run(make_config, tmp_path, monkeypa
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
 
 
+# classification's epoch line as it has always read (README's first command)
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): loss \d+\.\d{4}  top-1 \d+\.\d{2}  top-5 \d+\.\d{2}  "
+                        r"lr \d\.\d{2}e[-+]\d{2}  density \d\.\d{3}  \d+\.\ds$")
+
+
 @pytest.mark.slow
-def test_run_dir_contents_and_metrics(make_config, tmp_path):
+def test_run_dir_contents_and_metrics(make_config, tmp_path, caplog):
     cfg = make_config("trainer.ema=true", "optim=adamw", "optim.lr=1e-3")
-    result = trainer.run(cfg)
+    with caplog.at_level(logging.INFO, logger="lbc"):
+        result = trainer.run(cfg)
     run_dir = tmp_path / "run"
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "last.pt"} <= names
@@ -73,6 +81,14 @@ def test_run_dir_contents_and_metrics(make_config, tmp_path):
         assert REQUIRED <= record.keys() and record["epoch"] == epoch and record["step"] == epoch * 3  # smoke: 3 a epoch
         assert 0 <= record["top1"] <= record["top5"] <= 100 and record["skipped"] == 0
         assert "sparsity/density" in record and "ema_top1" in record
+    # one line per epoch, built from the record it wrote (the same numbers, rounded as printed)
+    printed = [m for m in caplog.messages if m.startswith("epoch ")]
+    assert len(printed) == len(lines) and all(EPOCH_LINE.match(m) for m in printed), printed
+    for line, message in zip(lines, printed, strict=True):
+        record = json.loads(line)
+        assert message.startswith(f"epoch {record['epoch']}/{cfg.schedule.epochs}: loss {record['train_loss']:.4f}  "
+                                  f"top-1 {record['top1']:.2f}  top-5 {record['top5']:.2f}  lr {record['lr']:.2e}  "
+                                  f"density {record['sparsity/density']:.3f}  "), message
     ckpt = checkpoint.load(run_dir / "last.pt")
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "sparsity", "epoch", "rng", "config"} <= ckpt.keys()
     assert {"torch", "cuda", "numpy", "python"} <= ckpt["rng"][0].keys()

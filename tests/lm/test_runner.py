@@ -4,6 +4,7 @@ and the model sources fail in one line."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -63,6 +64,20 @@ def test_tiny_models_train_and_end_exactly_nm_on_every_projection(tmp_path, mode
     assert all(torch.isfinite(torch.tensor(r["ppl"])) and r["ppl"] > 1 for r in records)
     assert result["ppl"] == records[-1]["ppl"] and result["sparsity/exact_nm"] == 1.0
     assert records[-1]["tokens"] == 6 * 4 * 32
+
+
+@pytest.mark.slow
+def test_each_evaluation_logs_one_step_line_from_its_record(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lbc"):
+        runner.run(lm_config(tmp_path, "sparsity=lbc", "sparsity.t_f=3", "trainer.eval_interval=3",
+                             "trainer.eval_before=true"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    printed = [m for m in caplog.messages if m.startswith("step ")]
+    assert [r["step"] for r in records] == [0, 3, 6] and len(printed) == 3, printed
+    assert printed[0] == f"step 0/6: ppl {records[0]['ppl']:.2f}  density {records[0]['sparsity/density']:.3f}"
+    for record, message in zip(records[1:], printed[1:], strict=True):
+        assert message == (f"step {record['step']}/6: loss {record['train_loss']:.4f}  ppl {record['ppl']:.2f}  "
+                           f"lr {record['lr']:.2e}  density {record['sparsity/density']:.3f}  {record['seconds']:.1f}s")
 
 
 @pytest.mark.slow

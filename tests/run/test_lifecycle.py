@@ -108,6 +108,19 @@ def test_after_the_first_step_or_on_a_stop_nothing_is_removed(tmp_path: Path, ho
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_evaluated_writes_the_record_and_logs_the_line_built_from_it(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with Run.claim(config(tmp_path / "run")) as run:
+        run.begin("cpu", "2 epochs")
+        with caplog.at_level(logging.INFO, logger="lbc"):
+            written = run.evaluated({"epoch": 1, "step": 3, "train_loss": 0.5, "top1": float("nan"), "top5": 75.0,
+                                     "lr": 0.1, "seconds": 1.26, "sparsity/density": 0.5}, 2)
+            run.evaluated({"epoch": 1, "step": 20, "ppl": 18.0449, "sparsity/density": 0.5}, 30, unit="step")
+    assert read_metrics(tmp_path / "run")[0] == written and written["top1"] is None  # NaN: null, in both
+    assert caplog.messages == ["epoch 1/2: loss 0.5000  top-1 n/a  top-5 75.00  lr 1.00e-01  density 0.500  1.3s",
+                               "step 20/30: ppl 18.04  density 0.500"]
+
+
 def test_stopped_is_the_one_line_and_the_exit_status(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with Run.claim(config(tmp_path / "run")) as run, run.stop:
         run.stop.request(signal.SIGINT)
@@ -121,10 +134,13 @@ def test_stopped_is_the_one_line_and_the_exit_status(tmp_path: Path, caplog: pyt
 
 # --- every runner uses it --------------------------------------------------------------------------------
 
-RUNNERS = ["lbc/engine/trainer.py", "lbc/detection/runner.py"]
-# What only the lifecycle may do: a runner that does any of these again has grown its own copy.
+RUNNERS = ["lbc/engine/trainer.py", "lbc/detection/runner.py", "lbc/lm/runner.py"]
+# What only the lifecycle may do: a runner that does any of these again has grown its own copy (its own
+# record writer, or an evaluation line of its own beside the record: run.evaluated does both). Strings as
+# ast.unparse writes them ('done: ...', f'done: ...'), so that a variable named done is no match.
 LIFECYCLE_ONLY = {"GracefulStop(", "stop_message", "rundir", "share(", "broadcast_object", "MetricsRecord(",
-                  "remove_if_unused", "BOOKKEEPING", "config.yaml", "metrics.jsonl", "done: ", "lbc: ", "Stopped("}
+                  "remove_if_unused", "BOOKKEEPING", "config.yaml", "metrics.jsonl", "'done: ", "'lbc: ", "Stopped(",
+                  "record.append(", "progress_line", "epoch %d/", "step %d/", "top-1 %", "ppl %"}
 
 
 @pytest.mark.parametrize("path", RUNNERS)
@@ -165,8 +181,19 @@ def test_classification_calls_the_steps_in_order_on_one_run(tmp_path: Path, monk
     assert {"sparsity/density", "sparsity/exact_nm"} <= records[-1].keys()
 
 
-def test_detection_records_have_the_same_schema(tmp_path: Path) -> None:
-    """The detection hook's record: epoch, step (iterations), mmengine's metric names, sparsity/<name>."""
+def detection_runner(tmp_path: Path, sp: object, hub_name: str) -> SimpleNamespace:
+    """What SparsityHook reads of mmengine's Runner, with a real MessageHub (RuntimeInfoHook's scalars)."""
+    from mmengine.logging import MessageHub
+
+    logged: list[str] = []
+    return SimpleNamespace(model=SimpleNamespace(sparsity=sp), epoch=0, iter=0, max_epochs=6, work_dir=str(tmp_path),
+                           message_hub=MessageHub(hub_name), logger=SimpleNamespace(info=logged.append),
+                           logged=logged)
+
+
+def test_detection_records_have_the_same_schema(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The detection hook's record: epoch, step (iterations), the training figures since the last record (the
+    message hub's train/loss and train/lr), mmengine's metric names, sparsity/<name>; its line, from the record."""
     pytest.importorskip("mmdet")
     import torch
     from torch import nn
@@ -177,11 +204,46 @@ def test_detection_records_have_the_same_schema(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.LazyLinear(4))
     model(torch.zeros(1, 8, 8, 8))  # the stem and the classifier stay dense by default: the middle conv is 2:4
     sp = lbc.sparsify(model, method="lbc", pattern="2:4", t_i=0, t_f=1)
-    runner = SimpleNamespace(model=SimpleNamespace(sparsity=sp), epoch=2, iter=40, work_dir=str(tmp_path))
-    SparsityHook().after_val_epoch(runner, {"coco/bbox_mAP": 0.25, "coco/bbox_mAP_50": float("nan")})
-    (record,) = [json.loads(ln) for ln in (tmp_path / METRICS_FILE).read_text().splitlines()]
-    assert record["epoch"] == 2 and record["step"] == 40 and record["coco/bbox_mAP"] == 0.25
-    assert record["coco/bbox_mAP_50"] is None
+    runner = detection_runner(tmp_path, sp, "test_detection_records")
+    hook = SparsityHook()
+    hook.before_train(runner)
+    for i, loss in enumerate([4.0, 3.0, 2.0, 1.0, 0.5, 0.25]):  # two epochs of 3 iterations
+        runner.message_hub.update_scalar("train/lr", 0.02 / (i + 1))
+        runner.message_hub.update_scalar("train/loss", loss)
+        runner.iter = i + 1
+        if runner.iter % 3 == 0:
+            runner.epoch = runner.iter // 3
+            with caplog.at_level(logging.INFO, logger="lbc"):
+                hook.after_val_epoch(runner, {"coco/bbox_mAP": 0.25 * runner.epoch, "coco/bbox_mAP_50": float("nan")})
+    first, second = [json.loads(ln) for ln in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert (first["epoch"], first["step"], second["epoch"], second["step"]) == (1, 3, 2, 6)
+    assert first["train_loss"] == pytest.approx(3.0) and second["train_loss"] == pytest.approx(0.5833333)  # per epoch
+    assert first["lr"] == pytest.approx(0.02 / 3) and second["lr"] == pytest.approx(0.02 / 6)
+    assert 0 <= first["seconds"] < 60 and second["coco/bbox_mAP"] == 0.5 and second["coco/bbox_mAP_50"] is None
     scalars = {f"sparsity/{k}" for k in sp.report()["scalars"]}
-    assert scalars and {k for k in record if k.startswith("sparsity/")} == scalars
-    assert not scalars & {k.removeprefix("sparsity/") for k in record}  # no bare names any more
+    assert scalars and {k for k in second if k.startswith("sparsity/")} == scalars
+    assert not scalars & {k.removeprefix("sparsity/") for k in second}  # no bare names any more
+    density = f"{second['sparsity/density']:.3f}"
+    assert [m for m in caplog.messages if m.startswith("epoch ")] == [
+        f"epoch 1/6: loss 3.0000  bbox_mAP 0.250  lr 6.67e-03  density {density}  {first['seconds']:.1f}s",
+        f"epoch 2/6: loss 0.5833  bbox_mAP 0.500  lr 3.33e-03  density {density}  {second['seconds']:.1f}s"]
+    assert runner.logged == []  # lbc's logger has handlers (pytest's, lbc-train's): the line went there
+
+
+def test_detection_line_goes_to_mmengines_logger_in_a_plain_mmdet_run(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without logging set up for lbc (no handler on the way to the root), the line goes to runner.logger."""
+    pytest.importorskip("mmdet")
+    from torch import nn
+
+    import lbc
+    from lbc.detection.hook import SparsityHook
+
+    lbc_log = logging.getLogger("lbc")
+    monkeypatch.setattr(lbc_log, "propagate", False)
+    monkeypatch.setattr(lbc_log, "handlers", [])
+    sp = lbc.sparsify(nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3)), method="dense")
+    runner = detection_runner(tmp_path, sp, "test_detection_plain")
+    runner.epoch, runner.iter = 1, 0
+    SparsityHook().after_val_epoch(runner, {"coco/bbox_mAP": 0.125})  # runner.val() alone: no training figures
+    assert runner.logged == ["epoch 1/6: bbox_mAP 0.125  density 1.000"]

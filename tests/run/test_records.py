@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lbc.run.records import METRICS_FILE, MetricsError, MetricsRecord, last_metrics, read_metrics
+from lbc.run.records import progress_line as line_of
 
 
 def test_missing_file_is_no_record(tmp_path: Path) -> None:
@@ -83,3 +84,38 @@ def test_tensorboard_events_beside_the_record(tmp_path: Path) -> None:
     record.close()
     assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
     assert MetricsRecord(tmp_path / "quiet").tb is None  # no TensorBoard unless asked
+
+
+# --- the progress line: one formatter for every task ----------------------------------------------
+
+
+def test_progress_line_of_each_task() -> None:
+    classification = {"epoch": 3, "step": 30, "train_loss": 0.31779, "lr": 0.0905, "train_images": 360,
+                      "val_loss": 1.9, "top1": 26.944, "top5": 87.5, "ema_top1": 20.0, "seconds": 2.06,
+                      "skipped": 0, "sparsity/density": 0.7549, "sparsity/exact_nm": 0.0}
+    assert line_of(classification, 15) == (
+        "epoch 3/15: loss 0.3178  top-1 26.94  top-5 87.50  lr 9.05e-02  density 0.755  2.1s")
+    detection = {"epoch": 3, "step": 180, "train_loss": 1.23449, "lr": 0.02, "seconds": 41.23, "coco/bbox_mAP": 0.015,
+                 "coco/bbox_mAP_50": 0.04, "coco/segm_mAP": 0.025, "sparsity/density": 0.5513}
+    assert line_of(detection, 6) == (
+        "epoch 3/6: loss 1.2345  bbox_mAP 0.015  segm_mAP 0.025  lr 2.00e-02  density 0.551  41.2s")
+    lm = {"epoch": 0, "step": 20, "tokens": 2560, "lr": 0.003, "seconds": 1.24, "train_loss": 2.91204,
+          "ppl": 18.0449, "val_loss": 2.893, "tokens_per_s": 900.0, "sparsity/density": 0.5}
+    assert line_of(lm, 30, unit="step") == "step 20/30: loss 2.9120  ppl 18.04  lr 3.00e-03  density 0.500  1.2s"
+
+
+def test_progress_line_leaves_out_what_the_record_lacks_and_says_n_a_for_null() -> None:
+    assert line_of({"epoch": 1, "step": 4, "coco/bbox_mAP": 0.25}, 2) == "epoch 1/2: bbox_mAP 0.250"
+    assert line_of({"epoch": 0, "step": 0, "ppl": None, "sparsity/density": 1.0}, 6, unit="step") == (
+        "step 0/6: ppl n/a  density 1.000")
+
+
+def test_append_returns_the_record_as_written_and_the_line_is_built_from_it(tmp_path: Path) -> None:
+    record = {"epoch": 2, "step": 8, "train_loss": np.float32(0.5), "top1": torch.tensor(50.0), "top5": math.nan,
+              "lr": 0.1, "seconds": 1.0}
+    for enabled in (True, False):  # rank 0 writes; the others get the same record back
+        written = MetricsRecord(tmp_path / str(enabled), enabled=enabled).append(record)
+        assert written == {"epoch": 2, "step": 8, "train_loss": 0.5, "top1": 50.0, "top5": None, "lr": 0.1,
+                           "seconds": 1.0}
+    assert read_metrics(tmp_path / "True") == [written]
+    assert line_of(written, 4) == "epoch 2/4: loss 0.5000  top-1 50.00  top-5 n/a  lr 1.00e-01  1.0s"

@@ -239,6 +239,72 @@ def test_remove_if_unused_removes_only_what_a_failed_start_left(tmp_path, monkey
     assert not rundir.remove_if_unused(here) and not rundir.remove_if_unused(".") and here.is_dir()
 
 
+@pytest.fixture
+def fresh_note(monkeypatch):
+    """An empty record of the folders before a start (rundir._BEFORE is per process)."""
+    monkeypatch.setattr(rundir, "_BEFORE", {})
+
+
+def names(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_a_failed_start_removes_the_parents_made_for_it_and_keeps_older_ones(tmp_path, monkeypatch, fresh_note):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()  # an empty folder from before the run: stays
+    rundir.check_argv([f"run_dir={tmp_path / 'kept' / 'a' / 'b' / 'c'}"])  # lbc-train's first step, before Hydra
+    run_dir = hydra_leftovers(tmp_path / "kept" / "a" / "b" / "c")  # Hydra makes a/b/c and writes into it
+    assert rundir.remove_if_unused(run_dir)
+    assert names(tmp_path) == ["kept"] and names(tmp_path / "kept") == []
+
+    rundir.check_argv(["run_dir=rel/x"])  # relative to the current directory, as Hydra takes it
+    (tmp_path / "rel" / "other").mkdir(parents=True)  # something else appears there meanwhile: rel stays
+    assert rundir.remove_if_unused(hydra_leftovers(tmp_path / "rel" / "x"))
+    assert names(tmp_path) == ["kept", "rel"] and names(tmp_path / "rel") == ["other"]
+
+
+def test_lbc_defaults_outputs_and_multirun_go_when_this_start_made_them(tmp_path, monkeypatch, fresh_note):
+    monkeypatch.chdir(tmp_path)
+    rundir.check_argv([])  # run_dir: outputs/${now:...}
+    assert rundir.remove_if_unused(hydra_leftovers(tmp_path / "outputs" / "2026-12-02_07-50-03"))
+    assert names(tmp_path) == []
+
+    (tmp_path / "outputs" / "2026-12-01_10-00-00").mkdir(parents=True)  # an earlier run: outputs stays
+    rundir.check_argv(["optim.lr=1"])
+    assert rundir.remove_if_unused(hydra_leftovers(tmp_path / "outputs" / "2026-12-02_07-50-03"))
+    assert names(tmp_path) == ["outputs"] and names(tmp_path / "outputs") == ["2026-12-01_10-00-00"]
+
+    rundir.check_argv(["-m", "sparsity.pattern=2:4,1:4"])  # a sweep: multirun/${now:...}/<job>
+    sweep = tmp_path / "multirun" / "2026-12-02_07-50-03"
+    job = hydra_leftovers(sweep / "0")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")  # Hydra's record of the sweep; job 0 failed at start-up
+    assert rundir.remove_if_unused(job)
+    assert names(tmp_path) == ["outputs"]
+
+    rundir.check_argv(["-m", "sparsity.pattern=2:4,1:4"])
+    sweep = tmp_path / "multirun" / "2026-12-02_08-00-00"
+    (sweep / "0" / "last.pt").parent.mkdir(parents=True)
+    (sweep / "0" / "last.pt").write_bytes(b"x")  # job 0 ran; job 1 failed at start-up: the sweep stays
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    assert rundir.remove_if_unused(hydra_leftovers(sweep / "1"))
+    assert names(sweep) == ["0", "multirun.yaml"]
+
+
+def test_parents_nobody_noted_stay(tmp_path, monkeypatch, fresh_note):
+    """Without a note from before the start (the Python API, or another process made the run dir), nothing
+    above the run dir is known to be this run's: only the run dir goes."""
+    monkeypatch.chdir(tmp_path)
+    assert rundir.remove_if_unused(hydra_leftovers(tmp_path / "a" / "b" / "run"))
+    assert names(tmp_path) == ["a"] and names(tmp_path / "a") == ["b"] and names(tmp_path / "a" / "b") == []
+    assert rundir.remove_created_parents(tmp_path / "a" / "b" / "run") == []
+
+    here = tmp_path / "work"  # the current directory, and the folders above it, are never removed
+    rundir.check_argv([f"run_dir={here / 'run'}"])
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert rundir.remove_if_unused(hydra_leftovers(here / "run")) and here.is_dir()
+
+
 # --- through the trainer and lbc-train (INTEGRATION) -------------------------------------------------
 
 
@@ -320,6 +386,22 @@ def test_lbc_train_failed_start_leaves_no_empty_folder(tmp_path):
     (kept / "metrics.jsonl").write_text("")
     out = lbc_train("optim.lr=-1", f"run_dir={kept}", cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and (kept / "metrics.jsonl").is_file() and (kept / ".hydra").is_dir()
+
+
+@pytest.mark.slow
+def test_lbc_train_failed_start_leaves_no_empty_parent_it_made(tmp_path):
+    """INTEGRATION: the folders Hydra made on the way to run_dir go with it; those from before stay."""
+    work = tmp_path / "work"
+    (work / "empty_before").mkdir(parents=True)
+    out = lbc_train("optim.lr=-1", f"run_dir={tmp_path / 'a' / 'b' / 'c'}", cwd=work, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: optim.lr=-1.0"), out.stderr
+    assert names(tmp_path) == ["work"]
+    out = lbc_train("optim.lr=-1", f"run_dir={work / 'empty_before' / 'x' / 'y'}", cwd=work, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert names(work) == ["empty_before"] and names(work / "empty_before") == []
+    out = lbc_train("optim.lr=-1", cwd=work, timeout=120)  # lbc's default: outputs/<date>_<time>
+    assert out.returncode == 2, out.stderr
+    assert names(work) == ["empty_before"]
 
 
 def test_lbc_train_refuses_a_run_dir_it_cannot_write(read_only_dir, tmp_path):

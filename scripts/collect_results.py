@@ -10,11 +10,15 @@ directory below ``RUN_ROOT`` holding a ``row.json``), each with the trainer's ``
 Seeds of one row are pooled: mean and spread (sample standard deviation by
 default, ``--spread minmax`` for the range). Each measured column is three adjacent columns: ours,
 the paper's (``scripts/paper_tables.yaml``) and ours minus the paper's. A row without a finished
-run is blank, never zero; an unfinished or unreadable run directory is one line on stderr.
+run is blank, never zero. On stderr, one line each: an unfinished or unreadable run directory, a row
+without any run (with the command that runs it), and a table without a run at this scale that has
+some at the other (a forgotten ``--scale small``). Table 4's Params/FLOPs (Test) print in the unit
+that shows the column's smallest value (e.g. MFLOPs for the small model), named in the header; the
+paper's values are converted to it.
 
 Full scale: the rows are the paper's (paper-only rows such as DNW or RigL stay blank on our side).
-Small scale: the rows are the runs' own (``row.json``), each beside the paper row its ``paper_row``
-names (blank when null).
+Small scale: the rows are the table's ``small`` list in ``paper_tables.yaml`` (and any other row the
+runs' ``row.json`` name), each beside the paper row its ``paper_row`` names (blank when null).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +142,10 @@ def load_runs(root: Path, warn: Any = None) -> tuple[list[Run], list[tuple[Path,
                 row = {}
             bad.append((path, row, str(err)))
             if warn is not None:
-                warn(f"skipped {path}: {err}")
+                resumable = str(err).startswith(("unfinished", "not started")) and row.get("table") and row.get("row")
+                again = (f" (continue: {run_command(row['table'], scale_of(row), root, row['row'], row.get('seed'))})"
+                         if resumable else "")
+                warn(f"skipped {path}: {err}{again}")
     return runs, bad
 
 
@@ -238,44 +245,75 @@ def pool(runs: Sequence[Run], key: str, dense_epochs: dict[str, int], summaries:
 
 # --- formatting ---------------------------------------------------------------------------------------
 
-DECIMALS = {"top1": 2, "top1_best": 2, "bbox_map": 1, "segm_map": 1, "sparsity": 1, "params_test": 3,
-            "flops_test": 3, "epochs": 0}
-UNITS = {"params_test": "M", "flops_test": "G"}
+DECIMALS = {"top1": 2, "top1_best": 2, "bbox_map": 1, "segm_map": 1, "sparsity": 1, "epochs": 0}
 PAPER_DECIMALS = {"top1": 1, "top1_best": 1, "bbox_map": 1, "segm_map": 1, "sparsity": 0, "epochs": 0}
+# Table 4's sizes, in paper_tables.yaml's unit (the first) and the smaller ones a column may need: the small
+# model's 0.0012 GFLOPs print as 1.23M, never as 0.001G.
+SIZE_UNITS = {"params_test": ("M", "K"), "flops_test": ("G", "M", "K")}
+SMALLEST_SHOWN = 0.1  # a size column's smallest value is at least this in its unit (else the next smaller unit)
 
 
-def decimals(key: str) -> int:
-    return 2 if key.startswith("flops_train") else DECIMALS.get(key, 2)
+@dataclass(frozen=True)
+class Style:
+    """How one measured column prints: unit suffix, ``factor`` from paper_tables.yaml's unit to it, and
+    the decimals of ours and of the paper's (converted) values."""
+
+    unit: str = ""
+    factor: float = 1.0
+    decimals: int = 2
+    paper_decimals: int = 2
 
 
-def unit(key: str) -> str:
-    return "×" if key.startswith("flops_train") else UNITS.get(key, "")
+def column_style(key: str, values: Iterable[float] = ()) -> Style:
+    """The style of column ``key``; a size column (Params/FLOPs) takes the unit in which ``values``' smallest
+    nonzero magnitude is at least 0.1 and the decimals that show it to 3 significant digits."""
+    if key.startswith("flops_train"):
+        return Style("×", 1.0, 2, 2)
+    if key not in SIZE_UNITS:
+        return Style("", 1.0, DECIMALS.get(key, 2), PAPER_DECIMALS.get(key, 2))
+    units, paper_d = SIZE_UNITS[key], PAPER_DECIMALS.get(key, 2)
+    sizes = [abs(v) for v in values if v and math.isfinite(v)]
+    if not sizes:
+        return Style(units[0], 1.0, 3, paper_d)
+    smallest, step = min(sizes), 0
+    while step < len(units) - 1 and smallest * 1000.0 ** step < SMALLEST_SHOWN:
+        step += 1
+    factor = 1000.0 ** step
+    return Style(units[step], factor, max(0, 2 - math.floor(math.log10(smallest * factor))), max(0, paper_d - 3 * step))
 
 
-def fmt(value: float | None, key: str, signed: bool = False) -> str:
+def column_header(header: str, key: str, style: Style) -> str:
+    """``header`` with its ``[unit]`` replaced by the column's unit (paper_tables.yaml names the base unit)."""
+    if key not in SIZE_UNITS:
+        return header
+    base = f"[{SIZE_UNITS[key][0]}]"
+    return header.replace(base, f"[{style.unit}]") if base in header else f"{header} [{style.unit}]"
+
+
+def fmt(value: float | None, style: Style, signed: bool = False) -> str:
     if value is None:
         return ""
-    text = f"{value:+.{decimals(key)}f}" if signed else f"{value:.{decimals(key)}f}"
-    return text + unit(key)
+    v = value * style.factor
+    return (f"{v:+.{style.decimals}f}" if signed else f"{v:.{style.decimals}f}") + style.unit
 
 
-def fmt_paper(value: float | None, key: str) -> str:
-    """A paper value with the decimals the paper prints."""
+def fmt_paper(value: float | None, style: Style) -> str:
+    """A paper value with the decimals the paper prints (fewer when converted to a smaller unit)."""
     if value is None:
         return ""
-    d = 2 if key.startswith("flops_train") else PAPER_DECIMALS.get(key, 2)
-    return f"{value:.{d}f}{unit(key)}"
+    return f"{value * style.factor:.{style.paper_decimals}f}{style.unit}"
 
 
-def fmt_cell(cell: Cell, key: str, spread: str, row_n: int) -> str:
+def fmt_cell(cell: Cell, key: str, spread: str, row_n: int, style: Style | None = None) -> str:
     """``mean ± std`` or ``mean [min, max]``, plus ``(n=k)`` when fewer runs than the row's fed it."""
     if cell.mean is None:
         return ""
-    text = fmt(cell.mean, key)
+    style = style or column_style(key, cell.values)
+    text = fmt(cell.mean, style)
     s = cell.spread(spread)
     if s is not None and key != "epochs":
-        d = decimals(key)
-        text += f" ± {s[0]:.{d}f}" if spread == "std" else f" [{s[0]:.{d}f}, {s[1]:.{d}f}]"
+        d, f = style.decimals, style.factor
+        text += f" ± {s[0] * f:.{d}f}" if spread == "std" else f" [{s[0] * f:.{d}f}, {s[1] * f:.{d}f}]"
     if cell.n != row_n:
         text += f" (n={cell.n})"
     return text
@@ -312,9 +350,11 @@ def pattern_key(pattern: Any) -> tuple[float, int]:
 
 
 def small_rows(runs: Sequence[Run], bad: Sequence[tuple[Path, dict[str, Any], str]],
-               by_criterion: bool = False) -> list[dict[str, Any]]:
-    """The small-scale rows, described from their runs' ``row.json`` and config, in the paper's order
-    (LBC rows labelled by their criterion when ``by_criterion``, as Table 6 does)."""
+               by_criterion: bool = False, expected: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The small-scale rows: every row of ``expected`` (paper_tables.yaml's ``small`` list, in its order,
+    which is the paper's), then any other row the runs name, described from their ``row.json`` and config
+    (LBC rows labelled by their criterion when ``by_criterion``, as Table 6 does). A row without a run
+    is still a (blank) row."""
     rows: dict[str, dict[str, Any]] = {}
     for run in runs:
         sp = run.config.get("sparsity", {})
@@ -323,20 +363,33 @@ def small_rows(runs: Sequence[Run], bad: Sequence[tuple[Path, dict[str, Any], st
             "model": run.model, "t_i": sp.get("t_i"), "t_f": sp.get("t_f"), "criterion": sp.get("criterion"),
             "paper_row": run.row.get("paper_row"), "label": run.row.get("label"),
         })
-    for _, row, _ in bad:  # a row whose every run is unfinished is still a (blank) row
-        if row.get("row") and row["row"] not in rows:
-            rows[row["row"]] = {"method": row.get("method", "?"), "pattern": row.get("pattern"), "model": "",
-                                "t_i": None, "t_f": None, "criterion": None, "paper_row": row.get("paper_row"),
-                                "label": row.get("label")}
+    described = [row for _, row, _ in bad if row.get("row")] + [{"row": r["id"], **r} for r in expected]
+    for row in described:  # unfinished runs' rows, then rows without any run
+        rows.setdefault(row["row"], {"method": row.get("method") or "?", "pattern": row.get("pattern"), "model": "",
+                                     "t_i": None, "t_f": None, "criterion": row.get("criterion"),
+                                     "paper_row": row.get("paper_row"), "label": row.get("label")})
     out = []
     for row_id, row in rows.items():
         named = row["method"] == "lbc" and (by_criterion or row["criterion"] not in (None, "score"))
         label = row["label"] or (CRITERION_LABELS.get(row["criterion"], LABELS["lbc"]) if named
                                  else LABELS.get(row["method"], row["method"]))
         out.append({**row, "id": row_id, "label": label})
-    order = lambda r: (pattern_key(r["pattern"]), r["t_i"] or 0, r["t_f"] or 0,  # noqa: E731
-                       METHOD_ORDER.get(r["method"], 9), str(r["criterion"]), r["id"])
+    rank = {r["id"]: i for i, r in enumerate(expected)}
+    order = lambda r: (rank.get(r["id"], len(rank)), pattern_key(r["pattern"]), r["t_i"] or 0,  # noqa: E731
+                       r["t_f"] or 0, METHOD_ORDER.get(r["method"], 9), str(r["criterion"]), r["id"])
     return sorted(out, key=order)
+
+
+def run_command(table_id: str, scale: str, root: Path | None, row_id: str, seed: Any = None) -> str:
+    """The launcher command that (re)runs one row (one seed) of a table into ``root``."""
+    cmd = f"bash scripts/{table_id}.sh" + (" --scale small" if scale == "small" else "") + f" --rows {row_id}"
+    cmd += "" if seed is None else f" --seeds {seed}"
+    return cmd + ("" if root is None or Path(root) == Path("runs") else f" --out {root}")
+
+
+def scale_of(row: dict[str, Any]) -> str:
+    """The scale a run's ``row.json`` says (full when it says none)."""
+    return str(row.get("scale") or "full")
 
 
 def dense_epochs_of(runs: Sequence[Run], paper_rows: Sequence[dict[str, Any]], scale: str) -> dict[str, int]:
@@ -357,11 +410,13 @@ def dense_epochs_of(runs: Sequence[Run], paper_rows: Sequence[dict[str, Any]], s
 
 def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: Sequence[tuple[Path, dict, str]],
                  scale: str, spread: str = "std", best: bool = False, sources: bool = False,
-                 summaries: dict[Any, Any] | None = None) -> str:
-    """One table in Markdown: descriptive columns, then ours / paper / difference per measured column."""
+                 summaries: dict[Any, Any] | None = None, root: Path | None = None,
+                 warn: Callable[[str], None] | None = None) -> str:
+    """One table in Markdown: descriptive columns, then ours / paper / difference per measured column.
+    ``warn`` gets one line per row that has no run (what to run to fill it)."""
     summaries = {} if summaries is None else summaries
-    runs = [r for r in runs if r.row.get("table") == table_id and r.row.get("scale", "full") == scale]
-    bad = [b for b in bad if b[1].get("table") == table_id and b[1].get("scale", "full") == scale]
+    runs = [r for r in runs if r.row.get("table") == table_id and scale_of(r.row) == scale]
+    bad = [b for b in bad if b[1].get("table") == table_id and scale_of(b[1]) == scale]
     by_row: dict[str, list[Run]] = {}
     for run in runs:
         by_row.setdefault(run.row.get("row", run.path.parent.name), []).append(run)
@@ -375,8 +430,15 @@ def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: 
         rows = [{**r, "paper_row": r["id"]} for r in paper_rows]
         rows += [r for r in small_rows(runs, bad, table_id == "table6") if r["id"] not in paper_by_id]  # not in the paper
     else:
-        rows = small_rows(runs, bad, table_id == "table6")
+        rows = small_rows(runs, bad, table_id == "table6", spec.get("small") or ())
     dense_epochs = dense_epochs_of(runs, paper_rows, scale)
+    if warn is not None:
+        for row in rows:
+            if found.get(row["id"]) or (scale == "full" and not row.get("preset")):  # paper-only rows: nothing to run
+                continue
+            where = (root or Path("runs")) / table_id / scale / row["id"]
+            warn(f"{table_id} {row['id']}: no {'readable ' if where.exists() else ''}run under {where} "
+                 f"(run: {run_command(table_id, scale, root, row['id'])})")
 
     columns = list(spec["columns"])
     flops_extra = sorted({k.removeprefix(FLOPS_KEY) for r in runs for k in r.final
@@ -388,19 +450,30 @@ def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: 
     if best and "top1" in keys:
         columns.insert(keys.index("top1") + 1, {"key": "top1_best", "header": "Best Top-1 (%)"})
 
+    measured = [c["key"] for c in columns if c["key"] not in DESCRIPTIVE]
+    cells_of = {(row["id"], key): pool(by_row.get(row["id"], []), key, dense_epochs, summaries)
+                for row in rows for key in measured}
+    papers = {row["id"]: (paper_by_id.get(row.get("paper_row") or "") or {}).get("paper", {}) for row in rows}
+    styles = {}
+    for key in measured:
+        ours = [cells_of[row["id"], key].mean for row in rows if cells_of[row["id"], key].mean is not None]
+        theirs = [p[key] for p in papers.values() if isinstance(p.get(key), (int, float))]
+        styles[key] = column_style(key, ours or theirs)
+
     no_diff = NO_DIFF + (SMALL_NO_DIFF if scale == "small" else ())
     header = []
     for c in columns:
         if c["key"] in DESCRIPTIVE:
             header.append(c["header"])
         else:
-            header += [f"{c['header']} ours"] + ([] if c["key"] in OURS_ONLY else ["paper"])
+            header += [f"{column_header(c['header'], c['key'], styles[c['key']])} ours"]
+            header += [] if c["key"] in OURS_ONLY else ["paper"]
             header += [] if c["key"] in no_diff + OURS_ONLY else ["Δ"]
     header.append("n")
     body = []
     for row in rows:
         row_runs = by_row.get(row["id"], [])
-        paper = (paper_by_id.get(row.get("paper_row") or "") or {}).get("paper", {})
+        paper = papers[row["id"]]
         cells = []
         for c in columns:
             key = c["key"]
@@ -408,14 +481,14 @@ def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: 
                 value = paper.get(key) if key == "structured" else row.get(key)
                 cells.append(fmt_plain(value) if key != "pattern" or value else "-")
                 continue
-            cell = pool(row_runs, key, dense_epochs, summaries)
-            cells.append(fmt_cell(cell, key, spread, len(row_runs)))
+            cell, style = cells_of[row["id"], key], styles[key]
+            cells.append(fmt_cell(cell, key, spread, len(row_runs), style))
             if key in OURS_ONLY:
                 continue
             theirs = paper.get("flops_train" if key.startswith("flops_train") else key)
-            cells.append(fmt_paper(theirs, key))
+            cells.append(fmt_paper(theirs, style))
             if key not in no_diff:
-                cells.append(fmt(cell.mean - theirs, key, signed=True) if cell.mean is not None and theirs is not None
+                cells.append(fmt(cell.mean - theirs, style, signed=True) if cell.mean is not None and theirs is not None
                              else "")
         total = found.get(row["id"], 0)
         cells.append(f"{len(row_runs)}/{total}" if total else ("" if row.get("preset") or scale == "small" else "paper only"))
@@ -430,6 +503,17 @@ def render_table(table_id: str, spec: dict[str, Any], runs: Sequence[Run], bad: 
     if sources:
         lines += ["", "Runs:"] + [f"- {k}: " + ", ".join(str(r.path) for r in v) for k, v in by_row.items()]
     return "\n".join(lines)
+
+
+def other_scales_hint(rows: Sequence[dict[str, Any]], scale: str, table_id: str | None = None) -> str:
+    """``; 30 small-scale runs exist: add --scale small`` when the runs' ``row.json`` (``rows``; of
+    ``table_id`` if given) are at other scales than ``scale`` (a forgotten ``--scale small``), else ``""``."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("table") and (table_id is None or row["table"] == table_id) and scale_of(row) != scale:
+            counts[scale_of(row)] = counts.get(scale_of(row), 0) + 1
+    return "".join(f"; {n} {s}-scale run{'s exist' if n != 1 else ' exists'}: add --scale {s}"
+                   for s, n in sorted(counts.items()))
 
 
 def notes(table_id: str, spread: str, best: bool, columns: Sequence[dict[str, Any]]) -> str:
@@ -479,16 +563,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.run_root.is_dir():
         print(f"error: {args.run_root} is not a directory", file=sys.stderr)
         return 2
-    runs, bad = load_runs(args.run_root, warn=lambda line: print(line, file=sys.stderr))
-    tables = args.table or [t for t in paper if args.scale == "full" or any(
-        r.row.get("table") == t and r.row.get("scale") == args.scale for r in runs)
-        or any(b[1].get("table") == t and b[1].get("scale") == args.scale for b in bad)]
+
+    def warn(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    runs, bad = load_runs(args.run_root, warn=warn)
+    rows = [r.row for r in runs] + [b[1] for b in bad]
+    tables = args.table or [t for t in paper if args.scale == "full"
+                            or any(r.get("table") == t and scale_of(r) == args.scale for r in rows)]
     if not tables:
-        print(f"no {args.scale}-scale run under {args.run_root}", file=sys.stderr)
+        print(f"no {args.scale}-scale run under {args.run_root}{other_scales_hint(rows, args.scale)}", file=sys.stderr)
         return 1
     summaries: dict[Any, Any] = {}
-    text = "\n\n".join(render_table(t, paper[t], runs, bad, args.scale, args.spread, args.best, args.sources,
-                                    summaries) for t in tables) + "\n"
+    parts = []
+    for t in tables:
+        parts.append(render_table(t, paper[t], runs, bad, args.scale, args.spread, args.best, args.sources,
+                                  summaries, root=args.run_root, warn=warn))
+        if not any(r.get("table") == t and scale_of(r) == args.scale for r in rows):
+            hint = other_scales_hint(rows, args.scale, t)
+            if hint:
+                warn(f"no {args.scale}-scale runs of {t} under {args.run_root}{hint}")
+    text = "\n\n".join(parts) + "\n"
     print(text, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

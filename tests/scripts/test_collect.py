@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -86,6 +87,11 @@ def cell(markdown: str, row_index: int, column: str, nth: int = 0) -> str:
     return table_rows(markdown)[row_index][at]
 
 
+def small_index(table: str, row: str) -> int:
+    """The body row of small-scale ``row`` (the table shows the small list's rows in its order)."""
+    return [r["id"] for r in PAPER[table]["small"]].index(row)
+
+
 def render(root: Path, table: str, scale: str, **kw: Any) -> str:
     runs, bad = collect.load_runs(root)
     return collect.render_table(table, PAPER[table], runs, bad, scale, **kw)
@@ -102,15 +108,16 @@ def test_real_run_format_is_what_the_collector_reads(real_run: Path, tmp_path: P
     assert run.epochs == last["epoch"] == 2
     assert run.final == last  # the record as written: one schema for every task, no renaming
     text = render(tmp_path, "table1", "small")
-    assert cell(text, 0, "Top-1 Accuracy (%) ours") == f"{last['top1']:.2f}"
-    assert cell(text, 0, "paper") == "77.2"  # resnet50_lbc_2x4's
+    i = small_index("table1", "lbc_2x4")  # the small table's every row shows, ours among them
+    assert cell(text, i, "Top-1 Accuracy (%) ours") == f"{last['top1']:.2f}"
+    assert cell(text, i, "paper") == "77.2"  # resnet50_lbc_2x4's
     # small scale: digits top-1 beside ImageNet's for the layout, never subtracted; FLOPs ratios are
     names = header(text)
     assert names[names.index("Top-1 Accuracy (%) ours") + 2] != "Δ" and names.count("Δ") == 1
     assert names[names.index("FLOPs (Train) ours") + 2] == "Δ"
     # no dense run at small scale: the figure is the run's own, not divided by the paper's 120 epochs
-    assert cell(text, 0, "FLOPs (Train) ours") == f"{last['sparsity/train_flops_ratio']:.2f}×"
-    assert cell(text, 0, "n") == "1/1"
+    assert cell(text, i, "FLOPs (Train) ours") == f"{last['sparsity/train_flops_ratio']:.2f}×"
+    assert cell(text, i, "n") == "1/1"
 
 
 def test_mean_and_spread_over_seeds(real_run: Path, tmp_path: Path) -> None:
@@ -120,10 +127,11 @@ def test_mean_and_spread_over_seeds(real_run: Path, tmp_path: Path) -> None:
                   paper_row="resnet50_lbc_1x4_ti0_tf0", final={"top1": v})
     mean, std = statistics.fmean(values), statistics.stdev(values)
     text = render(tmp_path, "table5", "small")
-    assert cell(text, 0, "Top-1 Accuracy (%) ours") == f"{mean:.2f} ± {std:.2f}"
-    assert cell(text, 0, "n") == "3/3"
+    i = small_index("table5", "lbc_1x4_ti0_tf0")
+    assert cell(text, i, "Top-1 Accuracy (%) ours") == f"{mean:.2f} ± {std:.2f}"
+    assert cell(text, i, "n") == "3/3"
     ranged = render(tmp_path, "table5", "small", spread="minmax")
-    assert cell(ranged, 0, "Top-1 Accuracy (%) ours") == f"{mean:.2f} [61.00, 70.25]"
+    assert cell(ranged, i, "Top-1 Accuracy (%) ours") == f"{mean:.2f} [61.00, 70.25]"
     assert "sample std" in text and "[min, max]" in ranged
 
 
@@ -132,8 +140,9 @@ def test_best_top1_is_the_best_epoch(real_run: Path, tmp_path: Path) -> None:
     records[0]["top1"] = 99.0
     write_run(tmp_path, "table6", "small", "lbc_2x4_score", 0, real_run, records=records, final={"top1": 50.0})
     text = render(tmp_path, "table6", "small", best=True)
-    assert cell(text, 0, "Top-1 Accuracy (%) ours") == "50.00"
-    assert cell(text, 0, "Best Top-1 (%) ours") == "99.00"
+    i = small_index("table6", "lbc_2x4_score")
+    assert cell(text, i, "Top-1 Accuracy (%) ours") == "50.00"
+    assert cell(text, i, "Best Top-1 (%) ours") == "99.00"
 
 
 def test_missing_runs_are_blank_not_zero(real_run: Path, tmp_path: Path) -> None:
@@ -171,11 +180,20 @@ def test_broken_and_unfinished_runs_are_one_line_each(real_run: Path, tmp_path: 
 
     assert collect.main([str(tmp_path), "--scale", "small"]) == 0
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 4 and "Traceback" not in err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("skipped ")]
+    assert len(lines) == 4
     for path, reason in ((garbled, "line 2 is not JSON"), (unfinished, "unfinished (1/120 epochs)"),
                          (not_started, "not started"), (bad_row, "row.json unreadable")):
         assert sum(str(path) in ln and reason in ln for ln in lines) == 1, (path, lines)
+    # an unfinished run's line says how to continue it (the launcher resumes from last.pt)
+    again = f"(continue: bash scripts/table1.sh --scale small --rows lbc_2x4 --seeds 2 --out {tmp_path})"
+    assert sum(ln.endswith(again) for ln in lines) == 1
+    # the other rows of small Table 1 have no run: one line each; lbc_1x8's directory is there, unreadable
+    missing = [ln for ln in err.strip().splitlines() if not ln.startswith("skipped ")]
+    expected = {r["id"] for r in PAPER["table1"]["small"]} - {"lbc_2x4", "srste_1x16"}
+    assert sorted(ln.split(":")[0] for ln in missing) == sorted(f"table1 {r}" for r in expected)
+    assert any(ln.startswith("table1 lbc_1x8: no readable run under") for ln in missing)
     rows = {r[1] + " " + r[2]: r for r in table_rows(out)}
     assert rows["LBC 2:4"][3] == "55.00" and rows["LBC 2:4"][-1] == "1/3"  # only the good run feeds the cell
     assert rows["SR-STE 1:16"][3] == "" and rows["SR-STE 1:16"][-1] == "0/1"
@@ -225,10 +243,70 @@ def test_table4_params_and_flops_from_lbc_summary(real_run: Path, tmp_path: Path
     model = build_model(num_classes=config["data"]["num_classes"], **config["model"])
     totals = summarize(model, "1:16", tuple(config["data"]["input_size"]))["totals"]
     text = render(tmp_path, "table4", "small")
-    assert cell(text, 0, "Params (Test) [M] ours") == f"{totals['params_nonzero'] / 1e6:.3f}M"
-    assert cell(text, 0, "FLOPs (Test) [G] ours") == f"{totals['flops_sparse'] / 1e9:.3f}G"
-    assert cell(text, 0, "Sparsity (%) ours") == "90.0" and cell(text, 0, "paper", nth=1) == "94"
+    small = [r["id"] for r in PAPER["table4"]["small"]]
+    i = small.index("lbc_1x16")
+    # the small model's sizes print in units that show them (K params, MFLOPs), named in the header;
+    # the paper's values beside them are converted to the same unit
+    params, flops = totals["params_nonzero"], totals["flops_sparse"]
+    assert params < 1e5 and flops < 1e8  # else the test would not test the unit change
+    assert cell(text, i, "Params (Test) [K] ours") == f"{params / 1e3:.{2 - int(math.log10(params / 1e3))}f}K"
+    assert cell(text, i, "FLOPs (Test) [M] ours") == f"{flops / 1e6:.{2 - int(math.log10(flops / 1e6))}f}M"
+    assert cell(text, i, "paper", nth=2) == "3520K" and cell(text, i, "paper", nth=3) == "440M"
+    assert cell(text, i, "Sparsity (%) ours") == "90.0" and cell(text, i, "paper", nth=1) == "94"
+    assert cell(text, small.index("dense"), "paper", nth=3) == "4100M"
     assert totals["params_nonzero"] < totals["params_total"]
+
+
+@pytest.mark.parametrize(("values", "unit", "shown"), [
+    ([0.0069, 0.0012], "M", ["6.90M", "1.20M"]),  # the small model: 0.001G before
+    ([4.1, 0.37], "G", ["4.100G", "0.370G"]),  # full scale stays in the paper's unit
+    ([0.00004], "K", ["40.0K"]),
+])
+def test_flops_unit_shows_nonzero_digits(values: list[float], unit: str, shown: list[str]) -> None:
+    style = collect.column_style("flops_test", values)
+    assert style.unit == unit and [collect.fmt(v, style) for v in values] == shown
+    assert collect.column_header("FLOPs (Test) [G]", "flops_test", style) == f"FLOPs (Test) [{unit}]"
+    assert collect.fmt_paper(0.44, style) == {"G": "0.44G", "M": "440M", "K": "440000K"}[unit]
+
+
+def test_missing_rows_are_one_line_each_with_the_command(real_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert collect.main([str(tmp_path), "--scale", "small", "--table", "table6"]) == 0
+    out, err = capsys.readouterr()
+    small = [r["id"] for r in PAPER["table6"]["small"]]
+    # a table without runs: its rows, blank, in the paper's order (not just a header) ...
+    assert [r[0] for r in table_rows(out)] == ["Baseline", "Magnitude", "Gradient", "S-inverse", "S (LBC)"]
+    assert all(cell(out, i, "Top-1 Accuracy (%) ours") == "" for i in range(len(small)))
+    # ... and one line per row on stderr (not per cell), saying what to run
+    assert err.splitlines() == [f"table6 {r}: no run under {tmp_path / 'table6' / 'small' / r} "
+                                f"(run: bash scripts/table6.sh --scale small --rows {r} --out {tmp_path})" for r in small]
+    write_run(tmp_path, "table6", "small", "lbc_2x4_score", 0, real_run)
+    assert collect.main([str(tmp_path), "--scale", "small", "--table", "table6"]) == 0
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == len(small) - 1 and "lbc_2x4_score:" not in err
+    # full scale: rows the paper has but this repository does not implement (no preset) have nothing to run
+    assert collect.main([str(tmp_path), "--table", "table4"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [ln.split(":")[0] for ln in err if not ln.startswith("no ")] == [
+        f"table4 {r['id']}" for r in PAPER["table4"]["rows"] if r["preset"]]
+    assert f"(run: bash scripts/table4.sh --rows resnet50_lbc_1x16 --out {tmp_path})" in err[-1]
+
+
+def test_wrong_scale_is_one_hint(real_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for seed in range(2):
+        write_run(tmp_path, "table1", "small", "lbc_2x4", seed, real_run)
+    assert collect.main([str(tmp_path), "--table", "table1", "table5"]) == 0  # forgot --scale small
+    err = capsys.readouterr().err.splitlines()
+    hint = f"no full-scale runs of table1 under {tmp_path}; 2 small-scale runs exist: add --scale small"
+    assert err.count(hint) == 1 and err[-1] != hint  # after table1's rows, not for table5 (no run anywhere)
+    assert not any(ln.startswith("no ") and "table5" in ln for ln in err)
+    assert collect.main([str(tmp_path), "--table", "table1", "--scale", "small"]) == 0  # the right scale: no hint
+    assert not any("add --scale" in ln for ln in capsys.readouterr().err.splitlines())
+    only_full = tmp_path / "full"
+    write_run(only_full, "table1", "full", "resnet50_lbc_2x4", 0, real_run)
+    assert collect.main([str(only_full), "--scale", "small"]) == 1  # no table at this scale: one line
+    assert capsys.readouterr().err == (f"no small-scale run under {only_full}; "
+                                       "1 full-scale run exists: add --scale full\n")
 
 
 def test_small_rows_without_a_paper_row_have_blank_paper_cells(real_run: Path, tmp_path: Path,
@@ -242,9 +320,15 @@ def test_small_rows_without_a_paper_row_have_blank_paper_cells(real_run: Path, t
     out = capsys.readouterr().out
     assert out_file.read_text() == out
     assert out.count("### ") == 1  # only the table that has small-scale runs
-    assert [r[1] for r in table_rows(out)] == ["Baseline", "SR-STE"]  # the paper's order: dense first
-    assert cell(out, 1, "Top-1 Accuracy (%) ours") == "40.00" and cell(out, 1, "paper") == ""
-    assert cell(out, 0, "paper") == "77.1"
+    small = [r["id"] for r in PAPER["table1"]["small"]]
+    assert len(table_rows(out)) == len(small)  # every row of the small table, in its (the paper's) order
+    assert [r[1] for r in table_rows(out)][:2] == ["Baseline", "ASP"]
+    i = small.index("srste_1x8")
+    assert table_rows(out)[i][1:3] == ["SR-STE", "1:8"]
+    assert cell(out, i, "Top-1 Accuracy (%) ours") == "40.00" and cell(out, i, "paper") == ""
+    assert cell(out, 0, "Top-1 Accuracy (%) ours") == "90.00" and cell(out, 0, "paper") == "77.1"
+    assert cell(out, small.index("lbc_1x16"), "Top-1 Accuracy (%) ours") == ""  # no run: blank
+    assert cell(out, small.index("lbc_1x16"), "paper") == "71.8"
 
 
 def test_paper_tables_file_is_complete() -> None:

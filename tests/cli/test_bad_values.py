@@ -142,12 +142,12 @@ def test_composition_errors_are_exact_lines_and_leave_no_run(tmp_path: Path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["sweep"])
 
 
-def test_help_and_cfg_job_print_as_before(tmp_path: Path, monkeypatch):
+def test_help_and_cfg_job_print_and_write_nothing(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli("--cfg", "job", "optim.lr=0.5")
     assert (code, err) == (0, "") and "  lr: 0.5\n" in out and "\nseed: 0\n" in out
     code, out, err = run_cli("--help")
-    assert (code, err) == (0, "") and "== Configuration groups ==" in out
+    assert (code, err) == (0, "") and "Config groups (group=option" in out and "base_" not in out
     assert list(tmp_path.iterdir()) == []
 
 

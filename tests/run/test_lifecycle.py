@@ -113,6 +113,7 @@ def test_evaluated_writes_the_record_and_logs_the_line_built_from_it(tmp_path: P
     with Run.claim(config(tmp_path / "run")) as run:
         run.begin("cpu", "2 epochs")
         with caplog.at_level(logging.INFO, logger="lbc"):
+            caplog.clear()  # the start line, when an earlier test left lbc's logger at INFO
             written = run.evaluated({"epoch": 1, "step": 3, "train_loss": 0.5, "top1": float("nan"), "top5": 75.0,
                                      "lr": 0.1, "seconds": 1.26, "sparsity/density": 0.5}, 2)
             run.evaluated({"epoch": 1, "step": 20, "ppl": 18.0449, "sparsity/density": 0.5}, 30, unit="step")

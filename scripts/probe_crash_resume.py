@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """Kill training runs at random moments, resume them, and check they end bit-identical to a straight run.
 
-    python scripts/probe_crash_resume.py --trials 12           # SIGKILL, SIGTERM and SIGINT in turn
+    python scripts/probe_crash_resume.py --trials 12               # SIGKILL, SIGTERM, SIGINT, SIGUSR1 in turn
+    python scripts/probe_crash_resume.py --trials 8 --workers 2    # with DataLoader workers
+    python scripts/probe_crash_resume.py --trials 8 --nproc 2      # lbc-torchrun, 2 gloo ranks: one rank signalled
 
-Each trial starts ``lbc-train`` (a small LBC run on digits) in its own run directory and sends a signal
-after a random delay: even trials anywhere (start-up included), odd trials once training has started
-(mid-epoch, in evaluation, sometimes mid-write of last.pt). Then it runs the same command again
-until it exits 0. Exit 143/130 is the graceful stop; -9/-15/-2 a death by the signal. The final ``last.pt`` must equal the uninterrupted run's: every model and
-optimizer tensor, the schedule and the epoch. Prints one line per trial and a summary.
+Each trial starts ``lbc-train`` (a small LBC run on digits, removal step by step, ``last.pt`` every 3
+steps inside the epochs) in its own run directory and sends a signal after a random delay: even trials
+anywhere (start-up included), odd trials once training has started (at a random step, in evaluation,
+sometimes mid-write of last.pt). With ``--nproc 2`` the signal goes to one rank, chosen at random. Then it
+runs the same command again until it exits 0. Exit 143/130/138 is the graceful stop (``last.pt`` at the
+current step); -9 a death by the signal (``last.pt`` at most 2 steps behind). The final ``last.pt`` must
+equal the uninterrupted run's: every model and optimizer tensor, the schedule, the sparsity state and
+the epoch. Prints one line per trial (where the interrupted run's last.pt stood) and a summary.
 """
 
 from __future__ import annotations
@@ -25,15 +30,36 @@ from pathlib import Path
 import torch
 
 ARGS = ["trainer=smoke", "trainer.max_steps_per_epoch=8", "schedule.epochs=4", "schedule.warmup_epochs=0",
-        "data.loader.batch_size=16", "sparsity=lbc", "sparsity.t_f=2", "trainer.ema=true"]
-SIGNALS = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT]
+        "data.loader.batch_size=16", "sparsity=lbc", "sparsity.t_f=2", "sparsity.update_every=step",
+        "trainer.ema=true", "trainer.checkpoint_every=3"]
+SIGNALS = [signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
 
 
-def lbc_train(run_dir: Path) -> subprocess.Popen:
-    script = Path(sys.executable).with_name("lbc-train")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([str(script), *ARGS, f"run_dir={run_dir}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def lbc_train(run_dir: Path, workers: int, nproc: int) -> subprocess.Popen:
+    args = [*ARGS, f"data.loader.workers={workers}", f"run_dir={run_dir}"]
+    if nproc > 1:
+        cmd = [str(Path(sys.executable).with_name("lbc-torchrun")), f"--nproc_per_node={nproc}", *args]
+    else:
+        cmd = [str(Path(sys.executable).with_name("lbc-train")), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(random.randint(20000, 60000))}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def ranks(proc: subprocess.Popen) -> list[int]:
+    """The pids of the processes ``proc`` started (torchrun's ranks), from /proc."""
+    try:
+        return [int(x) for x in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def position(path: Path) -> str:
+    """Where a checkpoint stands: ``epoch E step k`` (1-based epoch in progress), or ``end of epoch E``."""
+    if not path.is_file():
+        return "no last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    step = int(ckpt.get("epoch_step") or 0)
+    return f"epoch {ckpt['epoch'] + 1} step {step}" if step else f"end of epoch {ckpt['epoch']}"
 
 
 def same_state(a: Path, b: Path) -> str | None:
@@ -57,11 +83,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="data.loader.workers")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (lbc-torchrun, gloo) when > 1")
     args = parser.parse_args()
+    launch = lambda run_dir: lbc_train(run_dir, args.workers, args.nproc)  # noqa: E731
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="lbc_probe_"))
     t0 = time.perf_counter()
-    straight = lbc_train(work / "straight")
+    straight = launch(work / "straight")
     if straight.wait() != 0:
         print(f"the straight run failed: {straight.stderr.read()}", file=sys.stderr)
         return 1
@@ -73,7 +102,7 @@ def main() -> int:
     for trial in range(args.trials):
         sig = SIGNALS[trial % len(SIGNALS)]
         run_dir = work / f"trial{trial}"
-        proc = lbc_train(run_dir)
+        proc = launch(run_dir)
         if trial % 2:  # during training: the delay counts from the start line, within the epochs
             log = run_dir / "train.log"
             while proc.poll() is None and not (log.is_file() and "epochs x" in log.read_text()):
@@ -85,17 +114,25 @@ def main() -> int:
             delay = rng.uniform(0.3, length * 0.95)
             time.sleep(delay)
             when = "anywhere   "
-        proc.send_signal(sig)
+        children = ranks(proc) if args.nproc > 1 else []
+        target = rng.choice(children) if children else proc.pid
+        try:
+            os.kill(target, sig)
+        except ProcessLookupError:
+            pass
         first = proc.wait()
+        where = position(run_dir / "last.pt")
         restarts, code = 0, None
         while code != 0 and restarts < 3:
             restarts += 1
-            again = lbc_train(run_dir)
+            again = launch(run_dir)
             code = again.wait()
         diff = same_state(work / "straight" / "last.pt", run_dir / "last.pt") if code == 0 else "did not finish"
         exact += diff is None
         leftovers = sorted(p.name for p in run_dir.glob(".*.tmp"))
-        print(f"trial {trial:2d}: {sig.name:7s} {when} after {delay:4.1f} s -> exit {first:4d}; resumed x{restarts} -> "
+        rank = f" rank of {len(children)}" if children else ""
+        print(f"trial {trial:2d}: {sig.name:7s}{rank} {when} after {delay:4.1f} s -> exit {first:4d}, last.pt at "
+              f"{where}; resumed x{restarts} -> "
               f"{'bit-exact' if diff is None else 'DIFFERS: ' + diff}{'; temp files left: ' + str(leftovers) if leftovers else ''}")
     print(f"{exact}/{args.trials} kill-and-resume trials ended bit-exact")
     return 0 if exact == args.trials else 1

@@ -84,6 +84,22 @@ class CosineConfig:
 
 # --- trainer ----------------------------------------------------------------------------------
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_MINUTES = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*min")
+
+
+def checkpoint_cadence(value: Any) -> tuple[int | None, float | None]:
+    """``trainer.checkpoint_every`` as (steps, minutes), at most one of them set: ``200`` is every 200
+    optimizer steps, ``"10min"`` every 10 minutes of training (``"0.5min"``: 30 s), null never inside an epoch."""
+    if value is None:
+        return None, None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value, None
+    match = _MINUTES.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match and float(match.group(1)) > 0:
+        return None, float(match.group(1))
+    require(False, "trainer.checkpoint_every", value,
+            "use a number of steps (e.g. 200), minutes of training (e.g. 10min), or null (epoch ends only)")
+    raise AssertionError  # require raised
 
 
 @dataclass
@@ -99,6 +115,9 @@ class TrainerConfig:
     clip_grad: float | None = None  # max gradient norm, or null
     log_interval: int = on_resume(IGNORE, default=10)  # steps between TensorBoard train scalars / progress-bar updates
     ckpt_interval: int = on_resume(IGNORE, default=1)  # epochs between writes of last.pt (always written after the last epoch)
+    # last.pt inside an epoch too: every N steps (an int), or every N minutes of training ("10min"), or null
+    # (epoch ends only); a SIGTERM, SIGUSR1 or first Ctrl-C writes it at the current step anyway
+    checkpoint_every: Any = on_resume(IGNORE, default="10min")
     max_steps_per_epoch: int | None = on_resume(REFUSE, default=None)  # cut each training epoch short (smoke runs)
     max_eval_steps: int | None = None  # cut evaluation short
     progress: bool = on_resume(IGNORE, default=True)  # tqdm bars and per-epoch lines on rank 0
@@ -115,6 +134,7 @@ class TrainerConfig:
                 "use 0 < decay < 1")
         require(self.clip_grad is None or is_number(self.clip_grad) and self.clip_grad > 0, "trainer.clip_grad",
                 self.clip_grad, "use a positive number or null")
+        checkpoint_cadence(self.checkpoint_every)
         for key in ("log_interval", "ckpt_interval", "max_steps_per_epoch", "max_eval_steps", "auto_scale_lr"):
             value = getattr(self, key)
             optional = key.startswith("max_") or key == "auto_scale_lr"

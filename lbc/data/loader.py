@@ -1,4 +1,5 @@
-"""A DataLoader whose order and augmentation randomness are pure functions of (seed, epoch[, rank]).
+"""A DataLoader whose order and augmentation randomness are pure functions of (seed, epoch[, rank]), per item:
+an epoch can begin at any batch (resume inside an epoch) and the worker count changes nothing.
 
 It is also the one place that counts unreadable images: ``collate`` (in the worker processes, if any)
 drops the None items and says how many with the batch; the loader's iterator adds them up in
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from lbc.batching import per_process_batch
@@ -61,34 +62,84 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader with ``set_epoch``: it sets the sampler's order and the augmentation seed for that epoch.
+class SeededSampler(Sampler[tuple[int, int]]):
+    """``sampler``'s indices paired with one augmentation seed per position in the epoch, from ``start`` on.
 
-    With workers, each worker seeds torch/random/numpy from ``self.generator`` (seeded per epoch and
-    rank) as PyTorch does; without workers the items are made under a private RNG state seeded the
-    same way, so augmentation neither depends on nor disturbs the global RNG (the model's dropout).
-    Batches go through ``collate``; iterating yields only non-empty batches and counts the unreadable
-    images of the epoch being (or last) iterated in ``skipped``, up to the last batch taken.
+    The seed of position ``p`` is word ``p`` of ``SeedSequence(seed, epoch, rank, 1)`` (drawn for the
+    whole epoch at once, vectorised): what an item's augmentation draws depends only on (seed, epoch,
+    rank, position), not on the worker that makes it, how many workers there are, or which items came
+    before. So an epoch can begin at any batch (``start``: positions skipped without loading them) and
+    give the very batches an uninterrupted epoch gives from there: the resume inside an epoch.
     """
 
-    def __init__(self, dataset: Dataset, *, seed: int, epoch: int, rank: int, **kwargs: Any) -> None:
-        super().__init__(dataset, generator=torch.Generator(), collate_fn=collate, **kwargs)
-        self.seed, self.rank, self.skipped = seed, rank, 0
+    def __init__(self, sampler: Sampler[int], seed: int, rank: int) -> None:
+        self.sampler, self.seed, self.rank, self.epoch, self.start = sampler, seed, rank, 0, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self.sampler)
+        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, 1]).generate_state(max(len(indices), 1))
+        return zip(indices[self.start :], seeds[self.start : len(indices)].tolist(), strict=True)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` made under the global torch/random/numpy RNGs seeded with the item's seed, then
+    given back: augmentation never depends on, nor disturbs, the process's RNG (the model's dropout)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        outer = _rng_states() if get_worker_info() is None else None  # a worker's RNG serves nothing else
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            if outer is not None:
+                _set_rng_states(outer)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader with ``set_epoch``: it sets the sampler's order and the items' augmentation seeds.
+
+    Each item is made under RNGs seeded from (seed, epoch, rank, its position in the epoch)
+    (:class:`SeededSampler`): the batches are the same with 0 or N workers, and ``set_epoch(e,
+    start=k)`` begins epoch ``e`` at its batch ``k`` with exactly the batches an uninterrupted epoch
+    would give there (a resume inside the epoch; the loader's whole state is (epoch, batch)). Batches
+    go through ``collate``; iterating yields only non-empty batches and counts the unreadable images of
+    the epoch being (or last) iterated in ``skipped``, up to the last batch taken.
+    """
+
+    def __init__(self, dataset: Dataset, *, sampler: Sampler[int], seed: int, epoch: int, rank: int,
+                 **kwargs: Any) -> None:
+        self.order = sampler  # the indices' order (EpochSampler, DistributedSampler or RepeatAugSampler)
+        super().__init__(SeededItems(dataset), sampler=SeededSampler(sampler, seed, rank),
+                         generator=torch.Generator().manual_seed(seed), collate_fn=collate, **kwargs)
+        self.seed, self.rank, self.skipped, self.start = seed, rank, 0, 0
         self.set_epoch(epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if isinstance(self.sampler, EpochSampler):
-            self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch``'s order and seeds, beginning at its batch ``start`` (0: the whole epoch)."""
+        if start < 0 or start > len(self):
+            raise ValueError(f"start={start} is outside the epoch's {len(self)} batches")
+        self.epoch, self.start = epoch, start
+        self.sampler.epoch, self.sampler.start = epoch, start * self.batch_size  # type: ignore[attr-defined]
+        if isinstance(self.order, EpochSampler):
+            self.order.set_epoch(epoch)
         else:  # DistributedSampler (built with seed=0) and RepeatAugSampler seed their order from this alone
-            self.sampler.set_epoch(epoch_seed(self.seed, epoch))
+            self.order.set_epoch(epoch_seed(self.seed, epoch))  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        seed = epoch_seed(self.seed, self.epoch, self.rank, 1)
-        self.generator.manual_seed(seed)  # workers' seeds are drawn from it when the iterator starts
-        it = super().__iter__()
         self.skipped = 0
-        return self._count_skipped(it if self.num_workers > 0 else _private_rng(it, seed))
+        return self._count_skipped(super().__iter__())
 
     def _count_skipped(self, it: Iterator[Collated]) -> Iterator[Any]:
         """Yield the batches of ``it``, adding each one's unreadable images to ``self.skipped``."""
@@ -98,28 +149,14 @@ class EpochLoader(DataLoader):
                 yield batch
 
 
-def _swap_rng(state: tuple) -> tuple:
-    """Install ``state`` as the torch/random/numpy global RNG states; return the ones it replaced."""
-    previous = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    torch.set_rng_state(state[0])
-    random.setstate(state[1])
-    np.random.set_state(state[2])
-    return previous
+def _rng_states() -> tuple:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
 
 
-def _private_rng(it: Iterator[Any], seed: int) -> Iterator[Any]:
-    """Yield from ``it`` with the global RNGs swapped for a private state seeded ``seed`` while it runs."""
-    state = (torch.Generator().manual_seed(seed).get_state(), random.Random(seed).getstate(),
-             np.random.RandomState(seed).get_state())
-    while True:
-        outer = _swap_rng(state)
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        finally:
-            state = _swap_rng(outer)
-        yield batch
+def _set_rng_states(states: tuple) -> None:
+    torch.set_rng_state(states[0])
+    random.setstate(states[1])
+    np.random.set_state(states[2])
 
 
 def build_loader(
@@ -162,5 +199,5 @@ def build_loader(
         num_workers=workers,
         drop_last=train if drop_last is None else drop_last,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # fresh workers each epoch: their seeds follow the epoch
+        persistent_workers=False,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -20,6 +21,26 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
     if amp_dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=amp_dtype)
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """How far this rank is into a training epoch: saved with a checkpoint written inside the epoch, so
+    that the resumed epoch ends with the very totals (mean loss, images, unreadable ones) of an
+    uninterrupted one. ``step``: optimizer steps done in the epoch; the rest are this rank's sums."""
+
+    step: int = 0
+    loss_sum: float = 0.0  # sum of loss x images (float64)
+    seen: int = 0
+    skipped: int = 0  # unreadable training images in the steps done
+    seconds: float = 0.0  # training time spent in the epoch (wall clock, not part of the exact state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "loss_sum": float(self.loss_sum)}  # the running sum may be a tensor
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> EpochProgress:
+        return cls(**state) if state else cls()
 
 
 def train_one_epoch(
@@ -43,14 +64,23 @@ def train_one_epoch(
     log_interval: int = 10,
     log_step: Callable[[dict[str, float], int], None] | None = None,
     progress: bool = True,
+    state: EpochProgress | None = None,
+    after_step: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
-    """Train ``steps`` steps of epoch ``epoch`` (0-based); returns mean loss, last lr, skipped images."""
+    """Train epoch ``epoch`` (0-based) up to its step ``steps``; returns mean loss, last lr, skipped images.
+
+    ``state`` (updated in place) is where the epoch stands: a resumed epoch passes the one its
+    checkpoint saved and ``loader`` begins at batch ``state.step``. ``after_step(state)`` runs after every
+    optimizer step (the step checkpoints of ``trainer.checkpoint_every``)."""
     replica.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, dynamic_ncols=True, leave=False)
-    for i, batch in enumerate(itertools.islice(loader, steps)):
-        step = epoch * steps + i
+    state = state if state is not None else EpochProgress()
+    start, skipped_before = state.step, state.skipped
+    loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
+    seen, done = state.seen, start
+    bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for i, batch in enumerate(itertools.islice(loader, steps - start), start=start):
+        step, done = epoch * steps + i, i + 1
         images, targets = batch
         seen += len(targets)
         sparsity.update(epoch + i / steps)
@@ -86,8 +116,14 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
             if log_step is not None:
                 log_step({"loss": value, "lr": lr}, step + 1)
+        if after_step is not None:
+            state.step, state.seen, state.skipped = done, seen, skipped_before + loader.skipped
+            state.loss_sum = loss_sum  # a tensor until the state is saved (no device sync per step)
+            after_step(state)
     bar.close()
-    total_loss, seen, skipped = distributed.all_reduce_sum([loss_sum.item(), seen, loader.skipped], device)
+    state.step, state.seen, state.skipped = done, seen, skipped_before + loader.skipped
+    state.loss_sum = loss_sum.item()
+    total_loss, seen, skipped = distributed.all_reduce_sum([state.loss_sum, seen, state.skipped], device)
     return {
         "train_loss": total_loss / max(seen, 1),
         "lr": optimizer.param_groups[0]["lr"],

@@ -31,7 +31,8 @@ import lbc
 from lbc import config as lbc_config
 from lbc.data import build_datasets, build_loader, build_mixup
 from lbc.engine import checkpoint
-from lbc.engine.loop import evaluate, train_one_epoch
+from lbc.config.classification import checkpoint_cadence
+from lbc.engine.loop import EpochProgress, evaluate, train_one_epoch
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, param_groups
 from lbc.errors import ConfigError, DataError
 from lbc.io import load_model_weights
@@ -40,7 +41,7 @@ from lbc.run import distributed
 from lbc.run.lifecycle import Run
 from lbc.run.records import sparsity_scalars
 from lbc.run.resume import check_resume
-from lbc.run.signals import GracefulStop, Stopped
+from lbc.run.signals import AGREE_EVERY, GracefulStop, Stopped
 
 log = logging.getLogger("lbc")
 
@@ -81,6 +82,7 @@ class Training:
     epochs: int
     steps: int
     start_epoch: int = 0
+    start: EpochProgress | None = None  # this rank's place inside epoch start_epoch, from a checkpoint written there
     last: dict[str, Any] = dataclasses.field(default_factory=dict)
     resumed_from: str | None = None
 
@@ -92,8 +94,10 @@ class Training:
         """Give the run directory back (fit() does it at its end, however it ends)."""
         self.run.close()
 
-    def state(self, epoch: int) -> dict[str, Any]:
-        """The checkpoint after ``epoch`` epochs (every rank gathers its RNG state; rank 0 writes)."""
+    def state(self, epoch: int, progress: EpochProgress | None = None) -> dict[str, Any]:
+        """The checkpoint after ``epoch`` epochs and, inside the next one, ``progress.step`` steps (every rank
+        gathers its RNG state and its epoch totals; rank 0 writes). Resuming it continues with the next batch."""
+        inside = progress is not None and progress.step > 0
         return {
             "model": self.model.state_dict(),
             "sparsity": self.sparsity.state_dict(),
@@ -102,6 +106,8 @@ class Training:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": epoch,
+            "epoch_step": progress.step if inside else 0,  # steps done in epoch `epoch` + 1
+            "epoch_progress": distributed.all_gather_object(progress.state_dict()) if inside else None,
             "rng": distributed.all_gather_object(checkpoint.rng_state()),
             "metrics": self.last,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -131,8 +137,19 @@ class Training:
             else:  # EMA switched on at resume: start it from the resumed weights, not the initial ones
                 self.ema.set(self.model)
         self.start_epoch, self.last, self.resumed_from = int(ckpt["epoch"]), ckpt.get("metrics", {}), path
-        rng = ckpt["rng"]
-        checkpoint.set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
+        rng, mine = ckpt["rng"], distributed.rank()
+        same_world = len(rng) == distributed.world_size()
+        checkpoint.set_rng_state(rng[mine] if same_world else rng[0])
+        progress = ckpt.get("epoch_progress")
+        if int(ckpt.get("epoch_step") or 0) > 0 and progress:
+            if not same_world:  # each rank's share of the epoch differs with the processes: redo the epoch
+                log.info("%s: written inside epoch %d by %d process(es), resumed with %d: epoch %d starts over",
+                         path, self.start_epoch + 1, len(rng), distributed.world_size(), self.start_epoch + 1)
+            elif int(ckpt["epoch_step"]) > self.steps:
+                raise ConfigError(f"{key}={path!r} is at step {ckpt['epoch_step']} of epoch {self.start_epoch + 1}, "
+                                  f"past the {self.steps} steps an epoch has now; put trainer.max_steps_per_epoch back")
+            else:
+                self.start = EpochProgress.from_state(progress[mine])
 
 
 def build(cfg: DictConfig) -> Training:
@@ -222,28 +239,66 @@ def _build(cfg: DictConfig, typed: dict[str, Any], device: torch.device, run: Ru
 
 
 def fit(t: Training) -> dict[str, Any]:
-    """Train from ``t.start_epoch`` to the end; returns the final metrics (top1, top5, sparsity scalars, run_dir).
+    """Train from where ``t`` stands to the end; returns the final metrics (top1, top5, sparsity scalars, run_dir).
 
-    On SIGTERM or a first Ctrl-C (``t.run.stop``) it stops after the current optimizer step: a
-    partial epoch is dropped (the last epoch-end checkpoint is what resume continues from,
-    bit-exact), a stop that comes after an epoch's last step writes that epoch's checkpoint; it logs
-    one line and raises :class:`~lbc.run.signals.Stopped`. The run directory is given back however
-    fit ends.
+    ``last.pt`` is written at epoch ends (``trainer.ckpt_interval``) and inside epochs
+    (``trainer.checkpoint_every``: steps or minutes); a resume from one written inside an epoch
+    continues with the next batch, bit-exact. On SIGTERM, SIGUSR1 (SLURM's warning before a
+    preemption) or a first Ctrl-C (``t.run.stop``) it stops after the current optimizer step, writes
+    ``last.pt`` at that step, logs one line and raises :class:`~lbc.run.signals.Stopped`. The run
+    directory is given back however fit ends.
     """
     with t.run, t.run.stop as stop:
         return _fit(t, stop)
+
+
+class StepCheckpoints:
+    """When to write ``last.pt`` inside an epoch (``trainer.checkpoint_every``): every N steps, or once N
+    minutes of training have passed since the last write. Under torchrun the ranks' clocks differ, so
+    the minutes are compared every :data:`~lbc.run.signals.AGREE_EVERY` steps and agreed on (any rank
+    due: all write), keeping the collective ``Training.state`` matched."""
+
+    def __init__(self, every: Any, stop: GracefulStop) -> None:
+        self.steps, minutes = checkpoint_cadence(every)
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.stop, self.since = stop, time.monotonic()
+
+    def due(self, global_step: int) -> bool:
+        if self.steps is not None:
+            return global_step % self.steps == 0
+        if self.seconds is None:
+            return False
+        late = time.monotonic() - self.since >= self.seconds
+        if not distributed.is_distributed():
+            return late
+        return global_step % AGREE_EVERY == 0 and self.stop.any_rank(late)
+
+    def written(self) -> None:
+        self.since = time.monotonic()
 
 
 def _fit(t: Training, stop: GracefulStop) -> dict[str, Any]:
     tcfg, sp, run, main = t.cfg.trainer, t.sparsity, t.run, distributed.is_main()
     sp.exclude_from_ddp(t.model)  # scores, masks: the method's own, never in the DDP wrapper
     replica = distributed.Replica(t.model, t.device, compile=tcfg.compile, find_unused_parameters=tcfg.find_unused_parameters)
+    resumed_step = t.start_epoch * t.steps + (t.start.step if t.start else 0)
     run.begin(t.device, f"{t.epochs} epochs x {t.steps} steps", resumed_from=t.resumed_from,
-              resumed_epoch=t.start_epoch, tensorboard=True)
+              resumed_epoch=t.start_epoch, resumed_step=resumed_step if t.start else None,
+              resumed_epoch_step=t.start.step if t.start else 0, tensorboard=True)
 
     milestones = sp.milestones()
     batches = stop.batches(t.train_loader)  # ends the epoch's iteration early once a stop is requested
     saved = (t.start_epoch, t.resumed_from) if t.resumed_from else None  # (epochs, path) a resume continues from
+    last_pt = t.run_dir / "last.pt"
+    cadence = StepCheckpoints(tcfg.checkpoint_every, stop)
+
+    def write(epochs_done: int, progress: EpochProgress | None = None) -> None:
+        nonlocal saved
+        ckpt = t.state(epochs_done, progress)  # collective: every rank
+        if main:
+            checkpoint.save(ckpt, last_pt)
+        saved = (epochs_done, str(last_pt))
+        cadence.written()
 
     def stopped(epoch: int, step: int, written: bool) -> Stopped:
         return run.stopped(epoch=epoch, step=step, written=written, checkpoint=saved[1] if saved else None,
@@ -253,17 +308,29 @@ def _fit(t: Training, stop: GracefulStop) -> dict[str, Any]:
                      max_steps=tcfg.max_eval_steps)
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
         for epoch in range(t.start_epoch, t.epochs):
-            t0 = time.perf_counter()
-            t.train_loader.set_epoch(epoch)
+            progress, t.start = t.start or EpochProgress(), None
+            t0 = time.perf_counter() - progress.seconds
+            t.train_loader.set_epoch(epoch, start=progress.step)
+
+            def after_step(state: EpochProgress, epoch: int = epoch, t0: float = t0) -> None:
+                run.started = True  # a step has finished: what the run wrote is kept, whatever happens next
+                if state.step < t.steps and cadence.due(epoch * t.steps + state.step):
+                    state.seconds = time.perf_counter() - t0
+                    write(epoch, state)
+
             stats = train_one_epoch(
                 replica, batches, t.criterion, t.optimizer, t.scheduler, sp,
                 epoch=epoch, epochs=t.epochs, steps=t.steps, device=t.device, scaler=t.scaler,
                 amp_dtype=t.amp_dtype, mixup=t.mixup, ema=t.ema, clip_grad=tcfg.clip_grad,
                 channels_last=tcfg.channels_last, log_interval=tcfg.log_interval,
                 log_step=lambda v, s: run.record.scalars(v, s, prefix="train/"), progress=main and tcfg.progress,
+                state=progress, after_step=after_step,
             )  # fmt: skip
-            if stop.agreed() and batches.taken < t.steps:  # stopped inside the epoch: drop the partial epoch
-                raise stopped(epoch + 1, batches.taken, written=False)
+            if stop.agreed() and progress.step < t.steps:  # stopped inside the epoch: save at this step
+                if progress.step > 0:
+                    progress.seconds = time.perf_counter() - t0
+                    write(epoch, progress)
+                raise stopped(epoch + 1, progress.step, written=progress.step > 0)
             if stats["train_images"] == 0:  # every image unreadable: nothing was trained
                 raise DataError(f"epoch {epoch + 1} had no readable training image ({stats['train_skipped']} "
                                 f"unreadable): check data.root")
@@ -284,12 +351,10 @@ def _fit(t: Training, stop: GracefulStop) -> dict[str, Any]:
             keep = [name for name, at in milestones.items() if at == done]
             stopping = stop.agreed()  # a stop after the epoch's last step: save this whole epoch, then stop
             if done % tcfg.ckpt_interval == 0 or done == t.epochs or keep or stopping:
-                ckpt = t.state(done)
+                write(done)
                 if main:
-                    checkpoint.save(ckpt, t.run_dir / "last.pt")
                     for name in keep:
-                        checkpoint.copy(t.run_dir / "last.pt", t.run_dir / f"{name}.pt")
-                saved = (done, str(t.run_dir / "last.pt"))
+                        checkpoint.copy(last_pt, t.run_dir / f"{name}.pt")
             if stopping and done < t.epochs:
                 raise stopped(done, t.steps, written=True)
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lbc.io import atomic_write
 from lbc.run import distributed, rundir
 from lbc.run.records import MetricsRecord, progress_line
-from lbc.run.signals import GracefulStop, Stopped, stop_message
+from lbc.run.signals import GracefulStop, Stopped, requeue, stop_message
 
 log = logging.getLogger("lbc")
 
@@ -42,12 +42,15 @@ __all__ = ["CONFIG_FILE", "Run", "done_line", "start_line"]
 
 
 def start_line(cfg: DictConfig, device: Any, schedule: str, resumed_from: str | Path | None = None,
-               resumed_epoch: int | None = None) -> str:
+               resumed_epoch: int | None = None, resumed_epoch_step: int = 0) -> str:
     """``lbc: <model> on <data>, sparsity <method>, <device>, <K> process(es), <schedule>[, resuming from
-    <ckpt> at epoch <n>]; run dir <run_dir>``: what a run logs when it begins."""
+    <ckpt> at epoch <n>]; run dir <run_dir>``: what a run logs when it begins (``at epoch <n+1> step <k>``
+    for a checkpoint written ``resumed_epoch_step`` steps into the epoch after ``resumed_epoch``)."""
     where = ""
     if resumed_from:
-        where = f", resuming from {resumed_from}" + (f" at epoch {resumed_epoch}" if resumed_epoch is not None else "")
+        at = "" if resumed_epoch is None else f" at epoch {resumed_epoch}" if not resumed_epoch_step else \
+            f" at epoch {resumed_epoch + 1} step {resumed_epoch_step}"
+        where = f", resuming from {resumed_from}{at}"
     return (f"lbc: {cfg.model.name} on {cfg.data.name}, sparsity {cfg.sparsity.method}, {device}, "
             f"{distributed.world_size()} process(es), {schedule}{where}; run dir {cfg.run_dir}")
 
@@ -85,10 +88,12 @@ class Run:
         return cls(cfg, run_dir, rundir.claim(run_dir))
 
     def begin(self, device: Any, schedule: str, *, resumed_from: str | Path | None = None,
-              resumed_epoch: int | None = 0, resumed_step: int | None = None, tensorboard: bool = False) -> None:
+              resumed_epoch: int | None = 0, resumed_step: int | None = None, resumed_epoch_step: int = 0,
+              tensorboard: bool = False) -> None:
         """The run begins (rank 0 writes): ``config.yaml`` (resolved), the metrics record opened with the
         records after ``resumed_epoch`` dropped (written after the checkpoint resumed from; None: unknown,
-        keep them; ``resumed_step``: by step instead, for checkpoints inside an epoch), the start line.
+        keep them; ``resumed_step``: by step instead, for checkpoints inside an epoch, ``resumed_epoch_step`` steps
+        into the next epoch), the start line.
         ``tensorboard``: the record writes TensorBoard events too."""
         self.record = MetricsRecord(self.run_dir, enabled=self.is_main, tensorboard=tensorboard)
         if not self.is_main:
@@ -100,7 +105,7 @@ class Run:
             self.record.truncate_after(None, step=resumed_step)
         elif resumed_epoch is not None:
             self.record.truncate_after(resumed_epoch)
-        log.info("%s", start_line(self.cfg, device, schedule, resumed_from, resumed_epoch))
+        log.info("%s", start_line(self.cfg, device, schedule, resumed_from, resumed_epoch, resumed_epoch_step))
 
     def evaluated(self, record: Mapping[str, Any], total: int, unit: str = "epoch") -> dict[str, Any]:
         """Append one evaluation's ``record`` to ``metrics.jsonl`` and log its progress line (rank 0), built from
@@ -116,8 +121,9 @@ class Run:
         """The :class:`~lbc.run.signals.Stopped` to raise after a stop at ``epoch`` (1-based) ``step``, its
         one line logged (rank 0): see :func:`~lbc.run.signals.stop_message` for the arguments."""
         name = self.stop.requested or "SIGTERM"
+        requeued = requeue(name) if written else None  # SIGUSR1 in a SLURM job: back in the queue, it resumes
         message = stop_message(name, epoch=epoch, step=step, written=written, checkpoint=checkpoint,
-                               checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume)
+                               checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume, requeued=requeued)
         if self.is_main:
             log.info("%s", message)
         self.record.close()

@@ -1,12 +1,14 @@
-"""Stopping a run cleanly on SIGTERM (what SLURM and Kubernetes send before they kill) and on a first Ctrl-C.
+"""Stopping a run cleanly on SIGTERM (what SLURM and Kubernetes send before they kill), on SIGUSR1 (SLURM's
+``--signal=USR1@<seconds>`` warning before a time limit or preemption) and on a first Ctrl-C.
 
 :class:`GracefulStop` installs handlers that only record the signal (``stop.requested`` is its name,
 e.g. ``'SIGTERM'``). The trainer asks after every optimizer step (:meth:`GracefulStop.batches`
 wraps the training loader: it ends the epoch's iteration once a stop is requested, before fetching
 another batch) and at every epoch end, then writes what it can, says so in one line and raises
 :class:`Stopped`; ``lbc-train`` exits with :attr:`Stopped.exit_code` (143 for SIGTERM, 130 for
-SIGINT: 128 + the signal number, the shell's convention). A second signal ends the process at once,
-by that signal.
+SIGINT, 138 for SIGUSR1: 128 + the signal number, the shell's convention). A second signal ends the
+process at once, by that signal. Inside a SLURM job (``SLURM_JOB_ID`` set) a stop on SIGUSR1 also
+requeues the job (:func:`requeue`, ``scontrol requeue``), so that it starts again and resumes.
 
 Under ``torchrun`` every rank gets the signal, but not at the same step: :meth:`GracefulStop.agreed`
 is collective (a one-number all-reduce on a CPU gloo group, no CUDA synchronisation), so all ranks
@@ -24,7 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REQUEUE_SIGNAL = "SIGUSR1"  # the signal sbatch --signal=USR1@<seconds> sends: save, requeue, exit
 
 
 class Stopped(Exception):
@@ -117,6 +120,21 @@ class GracefulStop:
         self._agreed = bool(flag.item())
         return self._agreed
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (collective under torchrun, on the same CPU group as
+        :meth:`agreed`; every rank must call it at the same point); ``flag`` itself in one process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return flag
+        import torch
+
+        if self._group is None:
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(value.item())
+
     def batches(self, loader: Any) -> UntilStopped:
         """``loader`` for one epoch of ``train_one_epoch``, ending early once :meth:`agreed` says stop."""
         return UntilStopped(loader, self)
@@ -167,13 +185,22 @@ def stop_message(
     checkpoint: str | Path | None,
     checkpoint_epoch: int = 0,
     explicit_resume: str | None = None,
+    requeued: str | None = None,
 ) -> str:
     """The one line a stopped run logs. ``epoch`` is 1-based, ``step`` the steps finished in it;
     ``written``: the checkpoint was written at this stop (after a whole epoch); else the partial
     epoch is dropped and ``checkpoint`` (after ``checkpoint_epoch`` epochs, or None) is what a
     resume continues from. ``epoch=None``: a task counted in steps (``step``: the run's steps so far).
     ``explicit_resume``: the run's ``trainer.resume``, which the same
-    command would read again instead of a newer ``checkpoint``."""
+    command would read again instead of a newer ``checkpoint``. ``requeued``: the SLURM job that
+    :func:`requeue` put back in the queue (it resumes by itself)."""
+    line = _stop_message(signal_name, epoch=epoch, step=step, written=written, checkpoint=checkpoint,
+                         checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume)
+    return f"{line}; SLURM job {requeued} requeued: it resumes when it starts again" if requeued else line
+
+
+def _stop_message(signal_name: str, *, epoch: int | None, step: int, written: bool, checkpoint: str | Path | None,
+                  checkpoint_epoch: int, explicit_resume: str | None) -> str:
     head = f"stopped by {signal_name} at " + (f"epoch {epoch} step {step}" if epoch is not None else f"step {step}")
     if epoch is None:  # counted in steps: the checkpoint (if any) was written at this stop's step
         if checkpoint is None:
@@ -195,6 +222,25 @@ def stop_message(
         return f"{head}; checkpoint written to {checkpoint} (resume: {hint})"
     return (f"{head}; the partial epoch is dropped; resume continues from epoch {checkpoint_epoch + 1} "
             f"with {checkpoint} ({hint})")
+
+
+def requeue(signal_name: str | None) -> str | None:
+    """After a stop on SIGUSR1 inside a SLURM job, ask SLURM to requeue it (``scontrol requeue
+    $SLURM_JOB_ID``, as Lightning's SLURM plugin does); the job id when SLURM took it, else None. Only
+    the global rank 0 asks (``RANK`` unset or 0)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else \
+        os.environ.get("SLURM_JOB_ID")
+    if signal_name != REQUEUE_SIGNAL or not job or os.environ.get("RANK", "0") != "0":
+        return None
+    import shutil
+    import subprocess
+
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return None
+    done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+    return job if done.returncode == 0 else None
 
 
 def exit_process(status: int) -> None:

@@ -1,0 +1,141 @@
+"""Checkpoints inside an epoch: a crash or a stop at any step loses at most the steps since the last
+``trainer.checkpoint_every`` write (a stop: none), and the resume ends bit-exact with the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import lbc.engine.trainer as trainer
+from lbc.engine import checkpoint
+from lbc.run.signals import Stopped
+from tests.helpers import assert_same_state
+
+# 3 epochs of 7 steps: enough steps for a write inside an epoch and for LBC's step-wise removal.
+STEPS = ["trainer.max_steps_per_epoch=7", "schedule.epochs=3"]
+LBC_STEP = ["sparsity=lbc", "sparsity.t_f=2", "sparsity.update_every=step", "trainer.ema=true"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def interrupt_at(monkeypatch, epoch: int, step: int, action) -> None:
+    """Run ``action()`` right after optimizer step ``step`` (1-based) of ``epoch`` (0-based), after that
+    step's checkpoint decision: a crash raises, a signal asks for a stop."""
+    real, wanted = trainer.train_one_epoch, epoch
+
+    def wrapped(*args, epoch: int, after_step, **kwargs):
+        def hook(state):
+            after_step(state)
+            if epoch == wanted and state.step == step:
+                action()
+
+        return real(*args, epoch=epoch, after_step=hook, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", wrapped)
+
+
+def records(run_dir) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "method"), [
+    (0, ["sparsity=dense"]),
+    (2, ["sparsity=srste"]),
+    (0, [*LBC_STEP, "sparsity.removal=paper"]),
+    (0, [*LBC_STEP, "sparsity.removal=released"]),
+])
+def test_a_crash_inside_an_epoch_resumes_from_the_last_step_checkpoint_bit_exact(make_config, tmp_path, monkeypatch,
+                                                                                 workers, method):
+    over = [*STEPS, *method, f"data.loader.workers={workers}", "trainer.checkpoint_every=3"]
+    trainer.run(make_config(*over, run_dir=tmp_path / "straight"))
+    straight = checkpoint.load(tmp_path / "straight" / "last.pt")
+
+    def crash():
+        raise Crash("simulated crash")
+
+    # every 3 steps of the run: global step 12 = epoch 2 step 5 is written, step 6 is lost
+    interrupt_at(monkeypatch, epoch=1, step=6, action=crash)
+    with pytest.raises(Crash):
+        trainer.run(make_config(*over, run_dir=tmp_path / "crashed"))
+    written = checkpoint.load(tmp_path / "crashed" / "last.pt")
+    assert (written["epoch"], written["epoch_step"]) == (1, 5)
+    monkeypatch.undo()
+    trainer.run(make_config(*over, run_dir=tmp_path / "crashed"))
+    assert_same_state(straight, checkpoint.load(tmp_path / "crashed" / "last.pt"))
+    assert records(tmp_path / "crashed") == records(tmp_path / "straight")  # train loss of the split epoch too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_signal_saves_at_the_current_step_and_the_resume_is_bit_exact(make_config, tmp_path, monkeypatch, name):
+    over = [*STEPS, *LBC_STEP, "trainer.checkpoint_every=null"]
+    trainer.run(make_config(*over, run_dir=tmp_path / "straight"))
+    signum = getattr(signal, name)
+    interrupt_at(monkeypatch, epoch=1, step=4, action=lambda: os.kill(os.getpid(), signum))
+    with pytest.raises(Stopped) as stop:
+        trainer.run(make_config(*over, run_dir=tmp_path / "stopped"))
+    assert stop.value.exit_code == 128 + signum
+    assert str(stop.value).startswith(f"stopped by {name} at epoch 2 step 4; checkpoint written to ")
+    written = checkpoint.load(tmp_path / "stopped" / "last.pt")
+    assert (written["epoch"], written["epoch_step"]) == (1, 4)  # nothing of the epoch dropped
+    monkeypatch.undo()
+    trainer.run(make_config(*over, run_dir=tmp_path / "stopped"))
+    assert_same_state(checkpoint.load(tmp_path / "straight" / "last.pt"),
+                      checkpoint.load(tmp_path / "stopped" / "last.pt"))
+    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+
+
+def test_checkpoint_every_minutes_writes_inside_the_epoch(make_config, tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 40))  # every reading 40 s later: "1min" is due every other step
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: float(next(clock)))
+    writes = []
+    real = trainer.checkpoint.save
+    monkeypatch.setattr(trainer.checkpoint, "save", lambda state, path: (writes.append(
+        (state["epoch"], state["epoch_step"])), real(state, path))[1])
+    trainer.run(make_config("trainer.max_steps_per_epoch=5", "schedule.epochs=1", "trainer.checkpoint_every=1min"))
+    inside = [w for w in writes if w[1] > 0]
+    assert inside and all(0 < step < 5 for _, step in inside) and len(inside) >= 2
+    assert writes[-1] == (1, 0)
+
+
+@pytest.mark.parametrize("value", [0, -3, "10", "min", "0min", "10 hours", True, 1.5])
+def test_checkpoint_every_refuses_what_it_cannot_mean(make_config, value):
+    from lbc import config as lbc_config
+    from lbc.errors import ConfigError
+
+    cfg = make_config()
+    cfg.trainer.checkpoint_every = value
+    with pytest.raises(ConfigError, match=r"^trainer.checkpoint_every=.* is not allowed; use a number of steps"):
+        lbc_config.validate(cfg)
+
+
+@pytest.mark.parametrize(("value", "cadence"), [(200, (200, None)), ("10min", (None, 10.0)), ("0.5 min", (None, 0.5)),
+                                                (None, (None, None))])
+def test_checkpoint_every_reads_steps_or_minutes(value, cadence):
+    from lbc.config.classification import checkpoint_cadence
+
+    assert checkpoint_cadence(value) == cadence
+
+
+def test_a_loader_begun_at_batch_k_gives_the_uninterrupted_batches(make_config):
+    from lbc.data import build_datasets, build_loader
+
+    data = build_datasets(**{k: v for k, v in make_config().data.items() if k not in ("loader", "augment")})
+    batches = {}
+    for workers in (0, 2):
+        loader = build_loader(data.train, batch_size=16, train=True, workers=workers, seed=1)
+        loader.set_epoch(3)
+        whole = [x for x, _ in loader]
+        loader.set_epoch(3, start=5)
+        tail = [x for x, _ in loader]
+        assert len(tail) == len(whole) - 5 and all(torch.equal(a, b) for a, b in zip(whole[5:], tail, strict=True))
+        batches[workers] = whole
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))  # workers change nothing

@@ -330,7 +330,9 @@ def _fit(t: Training, stop: GracefulStop) -> dict[str, Any]:
                 if progress.step > 0:
                     progress.seconds = time.perf_counter() - t0
                     write(epoch, progress)
-                raise stopped(epoch + 1, progress.step, written=progress.step > 0)
+                elif epoch > 0 and not (saved and saved[0] == epoch):  # before the epoch's first step: its start
+                    write(epoch)
+                raise stopped(epoch + 1, progress.step, written=saved is not None)
             if stats["train_images"] == 0:  # every image unreadable: nothing was trained
                 raise DataError(f"epoch {epoch + 1} had no readable training image ({stats['train_skipped']} "
                                 f"unreadable): check data.root")

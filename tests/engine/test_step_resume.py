@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ import torch
 import lbc.engine.trainer as trainer
 from lbc.engine import checkpoint
 from lbc.run.signals import Stopped
-from tests.helpers import assert_same_state
+from tests.helpers import PYTHON, ROOT, TINY, assert_same_state
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # 3 epochs of 7 steps: enough steps for a write inside an epoch and for LBC's step-wise removal.
 STEPS = ["trainer.max_steps_per_epoch=7", "schedule.epochs=3"]
@@ -48,7 +52,7 @@ def records(run_dir) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("workers", "method"), [
     (0, ["sparsity=dense"]),
-    (2, ["sparsity=srste"]),
+    (2, ["sparsity=srste", "data.train_augment=true"]),  # random affine per image: the workers draw it
     (0, [*LBC_STEP, "sparsity.removal=paper"]),
     (0, [*LBC_STEP, "sparsity.removal=released"]),
 ])
@@ -128,7 +132,8 @@ def test_checkpoint_every_reads_steps_or_minutes(value, cadence):
 def test_a_loader_begun_at_batch_k_gives_the_uninterrupted_batches(make_config):
     from lbc.data import build_datasets, build_loader
 
-    data = build_datasets(**{k: v for k, v in make_config().data.items() if k not in ("loader", "augment")})
+    cfg = make_config("data.train_augment=true")  # a random affine per image
+    data = build_datasets(**{k: v for k, v in cfg.data.items() if k not in ("loader", "augment")})
     batches = {}
     for workers in (0, 2):
         loader = build_loader(data.train, batch_size=16, train=True, workers=workers, seed=1)
@@ -139,3 +144,47 @@ def test_a_loader_begun_at_batch_k_gives_the_uninterrupted_batches(make_config):
         assert len(tail) == len(whole) - 5 and all(torch.equal(a, b) for a, b in zip(whole[5:], tail, strict=True))
         batches[workers] = whole
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))  # workers change nothing
+
+
+# --- two gloo processes under torchrun, one rank signalled ----------------------------------------------
+
+def torchrun(run_dir, *args: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**ENV, "MASTER_PORT": str(free_port())}
+    if signal_at:
+        env["DDP_JOB_SIGNAL"] = signal_at
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/cli/ddp_job.py",
+           *TINY, *args, f"run_dir={run_dir}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_one_rank_signalled_or_killed_resume_bit_exact(tmp_path):
+    """SIGTERM to rank 1 alone: both ranks stop after the same step (they agree every 8 steps) and
+    write last.pt there; SIGKILL of rank 1: last.pt of the last checkpoint_every write survives. Both
+    resumes end with the uninterrupted run's state on both ranks."""
+    args = ["trainer.max_steps_per_epoch=20", "sparsity=lbc", "sparsity.t_f=1", "sparsity.update_every=step",
+            "trainer.checkpoint_every=6"]
+    assert torchrun(tmp_path / "straight", *args).returncode == 0
+    straight = checkpoint.load(tmp_path / "straight" / "last.pt")
+
+    term = torchrun(tmp_path / "term", *args, signal_at="1:3:1:SIGTERM")
+    assert term.returncode != 0 and "stopped by SIGTERM at epoch 2 step 8; checkpoint written to" in term.stdout
+    assert (lambda c: (c["epoch"], c["epoch_step"]))(checkpoint.load(tmp_path / "term" / "last.pt")) == (1, 8)
+
+    kill = torchrun(tmp_path / "kill", *args, signal_at="1:5:1:SIGKILL")
+    assert kill.returncode != 0
+    assert (lambda c: (c["epoch"], c["epoch_step"]))(checkpoint.load(tmp_path / "kill" / "last.pt")) == (1, 4)
+
+    for name in ("term", "kill"):
+        again = torchrun(tmp_path / name, *args)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert "resuming from" in again.stdout and "step" in again.stdout.split("resuming from", 1)[1].split("\n")[0]
+        assert_same_state(straight, checkpoint.load(tmp_path / name / "last.pt"))
+        ranks = [torch.load(tmp_path / name / f"rank{r}_params.pt") for r in (0, 1)]
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])

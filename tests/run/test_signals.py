@@ -189,18 +189,18 @@ def epochs_in(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_drops_the_partial_epoch_and_resume_is_bit_exact(tmp_path, monkeypatch, straight, caplog):
-    """INTEGRATION: SIGTERM during epoch 3: its partial epoch is dropped, last.pt (epoch 2) is kept."""
+def test_sigterm_mid_epoch_saves_that_step_and_resume_is_bit_exact(tmp_path, monkeypatch, straight, caplog):
+    """INTEGRATION: SIGTERM during epoch 3: last.pt is written at its step 2, nothing trained is dropped."""
     run_dir = tmp_path / "run"
     signal_in_epoch(monkeypatch, in_epoch=2, at=1)
     with caplog.at_level("INFO", logger="lbc"), pytest.raises(Stopped) as stopped:
         trainer.run(config(run_dir))
     assert stopped.value.exit_code == 143 and stopped.value.signal_name == "SIGTERM"
-    line = (f"stopped by SIGTERM at epoch 3 step 2; the partial epoch is dropped; resume continues from epoch 3 "
-            f"with {run_dir / 'last.pt'} (run the same command again)")
+    line = f"stopped by SIGTERM at epoch 3 step 2; checkpoint written to {run_dir / 'last.pt'} (resume: run the same command again)"
     assert str(stopped.value) == line
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped")] == [line]
-    assert checkpoint.load(run_dir / "last.pt")["epoch"] == 2 and epochs_in(run_dir) == [1, 2]
+    saved = checkpoint.load(run_dir / "last.pt")
+    assert (saved["epoch"], saved["epoch_step"]) == (2, 2) and epochs_in(run_dir) == [1, 2]
     rundir.acquire(run_dir).release()  # the stopped run gave the directory back
 
     monkeypatch.undo()
@@ -252,8 +252,7 @@ def test_sigint_before_the_first_step_exits_130_and_writes_nothing(tmp_path, mon
 # --- lbc-train in a subprocess (INTEGRATION) -------------------------------------------------------------
 
 STOPPED = re.compile(
-    r"stopped by (SIG\w+) at epoch (\d+) step (\d+); (?:checkpoint written to (\S+) \(resume: run the same command "
-    r"again\)|the partial epoch is dropped; resume continues from epoch (\d+) with (\S+) \(run the same command again\))"
+    r"stopped by (SIG\w+) at epoch (\d+) step (\d+); checkpoint written to (\S+) \(resume: run the same command again\)"
 )
 
 
@@ -296,19 +295,22 @@ def test_lbc_train_stopped_by_a_signal_then_resumed(tmp_path, sig, code, workers
     assert len(lines) == 1, out + err
     m = STOPPED.fullmatch(lines[0])
     assert m and m[1] == sig.name, lines[0]
-    epoch, written, resume_from = int(m[2]), m[4], m[5]
-    saved = checkpoint.load(run_dir / "last.pt")["epoch"]
-    if written:  # stopped after the epoch's last step: that epoch was saved
-        assert saved == epoch and int(m[3]) == 10 and Path(written).name == "last.pt"
-    else:  # inside the epoch: the previous epoch's checkpoint stays
-        assert saved == epoch - 1 == int(resume_from) - 1 and int(m[3]) < 10
+    epoch, step, written = int(m[2]), int(m[3]), m[4]
+    ckpt = checkpoint.load(run_dir / "last.pt")
+    saved = ckpt["epoch"]
+    assert Path(written).name == "last.pt"
+    if step == 10:  # stopped after the epoch's last step: that epoch was saved
+        assert saved == epoch and ckpt["epoch_step"] == 0
+    else:  # inside the epoch: saved at that step (step 0: the previous epoch's end, which the checkpoint is)
+        assert (saved, ckpt["epoch_step"]) == (epoch - 1, step) and 0 <= step < 10
     assert 1 <= saved < epochs and epochs_in(run_dir) == list(range(1, saved + 1))
     assert lines[0] in (run_dir / "train.log").read_text()
     assert "Traceback" not in err
 
     again = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming from run/last.pt at epoch {saved}" in again.stdout  # run_dir relative to where it ran
+    at = f"epoch {saved}" if ckpt["epoch_step"] == 0 else f"epoch {epoch} step {step}"
+    assert f"resuming from run/last.pt at {at}" in again.stdout  # run_dir relative to where it ran
     assert "done: top-1" in again.stdout and "stopped by" not in again.stdout
     assert epochs_in(run_dir) == list(range(1, epochs + 1))
     assert checkpoint.load(run_dir / "last.pt")["epoch"] == epochs

@@ -188,3 +188,32 @@ def test_two_processes_one_rank_signalled_or_killed_resume_bit_exact(tmp_path):
         assert_same_state(straight, checkpoint.load(tmp_path / name / "last.pt"))
         ranks = [torch.load(tmp_path / name / f"rank{r}_params.pt") for r in (0, 1)]
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+
+def test_sigusr1_in_a_slurm_job_saves_and_requeues_it(make_config, tmp_path, monkeypatch):
+    """SLURM's --signal=USR1@<s>: last.pt at the current step, then ``scontrol requeue <job>`` (a fake
+    scontrol on PATH records its arguments), and the stop line says the job was requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    interrupt_at(monkeypatch, epoch=0, step=2, action=lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    with pytest.raises(Stopped) as stop:
+        trainer.run(make_config("trainer.max_steps_per_epoch=5"))
+    assert stop.value.exit_code == 138
+    assert str(stop.value).endswith("; SLURM job 4242 requeued: it resumes when it starts again")
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert (saved["epoch"], saved["epoch_step"]) == (0, 2)
+
+
+def test_sigterm_in_a_slurm_job_does_not_requeue(make_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol needed: it must not be asked
+    interrupt_at(monkeypatch, epoch=0, step=1, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Stopped) as stop:
+        trainer.run(make_config("trainer.max_steps_per_epoch=5"))
+    assert stop.value.exit_code == 143 and "requeued" not in str(stop.value)

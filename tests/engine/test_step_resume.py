@@ -217,3 +217,37 @@ def test_sigterm_in_a_slurm_job_does_not_requeue(make_config, tmp_path, monkeypa
     with pytest.raises(Stopped) as stop:
         trainer.run(make_config("trainer.max_steps_per_epoch=5"))
     assert stop.value.exit_code == 143 and "requeued" not in str(stop.value)
+
+
+KILL_IN_SECOND_SAVE = """
+import os, signal, sys, torch
+import lbc.engine.checkpoint as checkpoint
+from lbc.cli import train
+calls = []
+real = torch.save
+def save(state, f, *a, **k):
+    calls.append(1)
+    if len(calls) == 2:  # half of the second step checkpoint, then killed mid-write
+        open(f, "wb").write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(state, f, *a, **k)
+checkpoint.torch.save = save
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_while_a_step_checkpoint_is_written_leaves_the_previous_one(tmp_path):
+    args = [*TINY, "schedule.epochs=1", "trainer.max_steps_per_epoch=7", "trainer.checkpoint_every=2"]
+    lbc_train = [PYTHON, "-m", "lbc.cli.train", *args]
+    assert subprocess.run([*lbc_train, f"run_dir={tmp_path / 'straight'}"], env=ENV, capture_output=True).returncode == 0
+    killed = subprocess.run([PYTHON, "-c", KILL_IN_SECOND_SAVE, *args, f"run_dir={tmp_path / 'run'}"], env=ENV,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "run").glob(".last.pt.*.tmp")]  # the torn write is a temp file
+    first = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert (first["epoch"], first["epoch_step"]) == (0, 2)  # the previous write, whole
+    again = subprocess.run([*lbc_train, f"run_dir={tmp_path / 'run'}"], env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "removed" in again.stdout + again.stderr and not list((tmp_path / "run").glob(".*.tmp"))
+    assert_same_state(checkpoint.load(tmp_path / "straight" / "last.pt"), checkpoint.load(tmp_path / "run" / "last.pt"))

@@ -65,8 +65,11 @@ def position(path: Path) -> str:
 def same_state(a: Path, b: Path) -> str | None:
     """None when the two checkpoints hold the same training state, else what differs."""
     x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    if x["epoch"] != y["epoch"]:
+    if (x["epoch"], x.get("epoch_step")) != (y["epoch"], y.get("epoch_step")):
         return f"epoch {x['epoch']} != {y['epoch']}"
+    for key in (x.get("ema") or {}):
+        if not torch.equal(torch.as_tensor(x["ema"][key]), torch.as_tensor(y["ema"][key])):
+            return f"ema.{key}"
     for key in x["model"]:
         if not torch.equal(x["model"][key], y["model"][key]):
             return f"model.{key}"

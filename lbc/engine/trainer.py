@@ -29,9 +29,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lbc
 from lbc import config as lbc_config
+from lbc.config.classification import checkpoint_cadence
 from lbc.data import build_datasets, build_loader, build_mixup
 from lbc.engine import checkpoint
-from lbc.config.classification import checkpoint_cadence
 from lbc.engine.loop import EpochProgress, evaluate, train_one_epoch
 from lbc.engine.optim import build_optimizer, build_phased_scheduler, param_groups
 from lbc.errors import ConfigError, DataError

@@ -117,11 +117,31 @@ def read_run(path: Path) -> Run:
         raise RunError(f"config.yaml schedule.epochs={epochs!r} is not a positive integer")
     if not (path / METRICS_FILE).is_file():
         raise RunError(f"unfinished (no evaluation yet, 0/{epochs} epochs)")
+    for group in ("model", "data", "sparsity"):
+        if not isinstance(config.get(group, {}), dict):
+            raise RunError(f"broken: config.yaml {group}={config[group]!r} is not a mapping")
     records = read_records(path)
     last = records[-1]["epoch"] if records else 0
     if last < epochs:
         raise RunError(f"unfinished ({last}/{epochs} epochs)")
+    for key, value in records[-1].items():
+        if is_measured(key) and not is_finite_number(value):
+            shown = "null (NaN or inf when it was logged)" if value is None else repr(value)
+            raise RunError(f"broken: the last record's {key} is {shown}, not a finite number")
     return Run(path, row, config, records, epochs)
+
+
+# The last record's values a table shows: a run whose figure is NaN, inf or not a number is broken, not finished.
+MEASURED = ("top1", "top5", "coco/bbox_mAP", "coco/segm_mAP", "sparsity/density")
+
+
+def is_measured(key: str) -> bool:
+    return key in MEASURED or key.startswith(FLOPS_KEY)
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float that is finite (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -158,7 +178,7 @@ def metric(run: Run, key: str, dense_epochs: dict[str, int], summaries: dict[Any
     if key == "top1":
         return final.get("top1")
     if key == "top1_best":
-        values = [r["top1"] for r in run.records if isinstance(r.get("top1"), (int, float))]
+        values = [r["top1"] for r in run.records if is_finite_number(r.get("top1"))]
         return max(values) if values else None
     if key == "epochs":
         return float(run.epochs)

@@ -87,13 +87,19 @@ class PlotRun:
         self.row = collect.read_json(path / "row.json") if (path / "row.json").is_file() else {}
         config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
         self.config = config if isinstance(config, dict) else {}
+        for group in ("model", "schedule", "sparsity"):
+            if not isinstance(self.config.get(group, {}), dict):
+                raise collect.RunError(f"config.yaml {group}={self.config[group]!r} is not a mapping")
         self.records = read_metrics(path)  # a broken line: MetricsError, a ValueError naming it
         if not self.records:
             raise collect.RunError("metrics.jsonl has no evaluation yet")
-        sp = self.config.get("sparsity", {})
+        sp = self.sparsity
         self.method = str(self.row.get("method") or sp.get("method", "?"))
         self.model = str(self.config.get("model", {}).get("name", "?"))
-        self.epochs = int(self.config.get("schedule", {}).get("epochs") or self.records[-1]["epoch"])
+        epochs = self.config.get("schedule", {}).get("epochs") or self.records[-1]["epoch"]
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise collect.RunError(f"config.yaml schedule.epochs={epochs!r} is not a positive integer")
+        self.epochs = epochs
 
     @property
     def label(self) -> str:
@@ -124,7 +130,7 @@ class PlotRun:
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(epochs, values) where the record has a finite ``key``."""
-        pts = [(r["epoch"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
+        pts = [(r["epoch"], r[key]) for r in self.records if collect.is_finite_number(r.get(key))]
         return [p[0] for p in pts], [float(p[1]) for p in pts]
 
     @property
@@ -170,7 +176,7 @@ class PlotRow:
     def final(self, key: str) -> list[float]:
         """``key`` in each seed's last record (where it is a number)."""
         values = (run.records[-1].get(key) for run in self.runs)
-        return [float(v) for v in values if isinstance(v, (int, float))]
+        return [float(v) for v in values if collect.is_finite_number(v)]
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -407,8 +413,8 @@ def figures(runs: Sequence[PlotRun]) -> dict[str, Figure]:
         pts = [(collect.flops_vs_dense(run.records[-1][collect.FLOPS_KEY], run.epochs,
                                        dense_epochs.get(run.model, run.epochs)), run.records[-1][run.accuracy_key])
                for run in row.runs
-               if isinstance(run.records[-1].get(collect.FLOPS_KEY), (int, float))
-               and isinstance(run.records[-1].get(run.accuracy_key), (int, float))]
+               if collect.is_finite_number(run.records[-1].get(collect.FLOPS_KEY))
+               and collect.is_finite_number(run.records[-1].get(run.accuracy_key))]
         if not pts:
             continue
         flops, acc = np.array(pts, dtype=float).T
@@ -434,18 +440,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories, or folders holding them")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="folder for the PNGs (default: figures)")
     args = parser.parse_args(argv)
+    problem = out_problem(args.out)
+    if problem:
+        print(f"error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     runs = load(args.run_dirs)
     if not runs:
         print(f"error: no readable run (a directory with metrics.jsonl) in {', '.join(map(str, args.run_dirs))}",
               file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, fig in figures(runs).items():
-        path = args.out / f"{name}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        print(path)
+    path = args.out
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, fig in figures(runs).items():
+            path = args.out / f"{name}.png"
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            print(path)
+    except OSError as err:  # not writable, the disk is full
+        print(f"error: cannot write {path}: {err.strerror or err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the PNGs cannot go to folder ``out`` (it, or a folder above it, is a file), else None."""
+    for at in (out, *out.parents):
+        if at.exists() or at.is_symlink():
+            if at.is_dir():
+                return None
+            return "is a file; give a folder for the PNGs" if at == out else f"{at} is a file, not a folder"
+    return None
 
 
 if __name__ == "__main__":

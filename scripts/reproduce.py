@@ -23,10 +23,20 @@ at N epochs (:func:`epochs_overrides`).
 
 Each run writes to ``<out>/<table>/<scale>/<row>/seed<k>/``, where ``row.json`` (what the run stands
 for: table, row, preset, seed, overrides, the paper row it is compared with) is written before it
-starts. A finished run (metrics.jsonl reached config.yaml's schedule.epochs) is skipped; an unfinished
-one resumes: the trainer continues from ``run_dir/last.pt`` when it is given the same ``run_dir``.
-A failed run is one line and the others go on; the exit status is 0 when every run finished, 1 when
-one failed, 2 for a bad command line, 130/143 when stopped by Ctrl-C/SIGTERM (run it again to resume).
+starts. A finished run (metrics.jsonl reached config.yaml's schedule.epochs) is skipped when it was run
+with the overrides this command would give it (``row.json``'s); a finished run of other settings
+(``--epochs``, another lr, ...) is never reported for this command nor overwritten: the command is
+refused in one line naming the keys that differ (:func:`settings_changed`; use another ``--out``). An
+unfinished one resumes: the trainer continues from ``run_dir/last.pt`` when it is given the same ``run_dir``.
+
+Before anything runs (``--dry-run`` too) the command is checked as a real run would find it: the seeds,
+``--out``, the torchrun environment (:func:`check_env`), and each run's config, composed with Hydra's
+compose API and checked as ``lbc-train`` does (:func:`config_problems`): an override that no run can
+take is one line, exit status 2; a row that cannot take it is marked in the dry run (exit status 1)
+and fails with its one line in a real run while the others go on.
+A failed run is one line (its last ``error:`` line) and the others go on; the exit status is 0 when
+every run finished, 1 when one failed, 2 for a bad command line, 130/143 when stopped by
+Ctrl-C/SIGTERM (run it again to resume).
 Extra ``key=value`` arguments are Hydra overrides for every run (``data.root=/data/imagenet``);
 ``hydra.launcher.*`` ones go to the SLURM submission.
 """
@@ -45,7 +55,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +64,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TABLES = ROOT / "scripts" / "paper_tables.yaml"
-EXPERIMENTS = ROOT / "lbc" / "configs" / "experiment"
+CONFIGS = ROOT / "lbc" / "configs"
+EXPERIMENTS = CONFIGS / "experiment"
+MAX_SEED = 2**32 - 1  # numpy's seed range (torch's is wider)
 TABLES = ("table1", "table2", "table3", "table4", "table5", "table6")
 DETECTION_TABLES = ("table2", "table3")
 SWEEP_ENV = "LBC_REPRODUCE_SLURM_SWEEP"  # set in the child that runs the SLURM sweep (see submit_slurm)
@@ -239,6 +251,35 @@ def _int_env(env: Mapping[str, str], *keys: str) -> int | None:
     return None
 
 
+def _checked_int(key: str, value: str, low: int, high: int | None, what: str) -> int:
+    """``value`` of ``key`` as an integer in [low, high] (one-line UsageError naming it otherwise)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        allowed = f"an integer from {low}" + (f" to {high}" if high is not None else "")
+        raise UsageError(f"{key}={value!r} is not allowed; use {allowed} ({what})")
+    return number
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    """The torchrun variables a run would use, checked before anything starts (torchrun would stop each
+    run on them): ``NPROC_PER_NODE`` and ``NNODES`` positive, ``NODE_RANK`` below the node count,
+    ``MASTER_PORT`` a TCP port."""
+    if env.get("NPROC_PER_NODE"):
+        _checked_int("NPROC_PER_NODE", env["NPROC_PER_NODE"], 1, None, "processes per node")
+    nnodes = 1
+    for key in ("NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        if env.get(key):
+            nnodes = _checked_int(key, env[key], 1, None, "nodes")
+            break
+    if env.get("NODE_RANK"):
+        _checked_int("NODE_RANK", env["NODE_RANK"], 0, nnodes - 1, f"this node's rank among {nnodes} node(s)")
+    if env.get("MASTER_PORT"):
+        _checked_int("MASTER_PORT", env["MASTER_PORT"], 1, 65535, "the rendezvous TCP port")
+
+
 def torchrun_args(env: Mapping[str, str]) -> list[str]:
     """torchrun's options for this node, from the environment (``NPROC_PER_NODE``, ``NNODES``,
     ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; inside a SLURM allocation ``SLURM_JOB_NUM_NODES``,
@@ -287,11 +328,23 @@ class Outcome:
     message: str = ""
 
 
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d*\]:\s*")  # what torchrun puts before a worker's lines
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b:?")
+
+
 def _error_line(text: str) -> str:
-    """The line that says why a run failed: its ``error:`` line, else the last line it printed."""
-    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip()]
-    chosen = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-    return chosen[:300]
+    """The line that says why a run failed: its last ``error:`` line (lbc's, argparse's ``prog: error:``),
+    else the last exception line of a traceback, else the last line with words in it (not torchrun's
+    ``=====`` frame around its failure summary)."""
+    lines = [_RANK_PREFIX.sub("", ln.strip()) for ln in re.split(r"[\r\n]+", text)]
+    lines = [ln for ln in lines if re.search(r"[A-Za-z0-9]", ln)]
+    for pick in (lambda ln: ln.startswith("error:") or re.match(r"^[\w.-]+: error: ", ln),
+                 lambda ln: _EXCEPTION.match(ln) and not ln.startswith("torch.distributed.elastic"),
+                 lambda ln: True):
+        chosen = next((ln for ln in reversed(lines) if pick(ln)), None)
+        if chosen:
+            return chosen[:300]
+    return ""
 
 
 class _Tee(io.TextIOBase):
@@ -365,8 +418,15 @@ def run_child(cmd: Sequence[str], run_dir: Path, quiet: bool) -> Outcome:
 # --- the launcher ------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors (an unknown option, a bad choice) are one UsageError line, not usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="reproduce.py", description="Run one of the paper's tables, every row and seed, full or small scale.",
         epilog="Extra key=value arguments are Hydra overrides for every run (hydra.launcher.* ones go to "
                "--launcher slurm's submission).")
@@ -386,14 +446,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="small scale: show each run's own output too")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data.root=/data/imagenet")
-    args = p.parse_args(list(argv))
+    args = p.parse_intermixed_args(list(argv))  # overrides before and after the options
     args.table = args.table if args.table.startswith("table") else f"table{args.table}"
     if args.table not in TABLES:
         raise UsageError(f"--table {args.table} is not a table of the paper; choose from: {', '.join(TABLES)}")
-    try:
-        args.seeds = [int(s) for s in (args.seeds or ("0" if args.scale == "full" else "0,1,2")).split(",")]
-    except ValueError:
-        raise UsageError(f"--seeds {args.seeds} is not a comma-separated list of integers") from None
+    args.seeds = parse_seeds(args.seeds if args.seeds is not None else ("0" if args.scale == "full" else "0,1,2"))
+    problem = out_problem(Path(args.out))
+    if problem:
+        raise UsageError(f"--out {args.out}: {problem}")
     for key in ("epochs", "max_steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)}: use a positive integer")
@@ -404,6 +464,35 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise UsageError(f"{bad[0]!r} is not an option or a Hydra override (key=value)")
     args.launcher = args.launcher or ("torchrun" if args.scale == "full" else "local")
     return args
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated distinct integers from 0 (each is one run directory, ``seed<k>``)."""
+    parts = [t.strip() for t in text.split(",")]
+    if not text.strip():
+        raise UsageError("--seeds is empty; give comma-separated seeds, e.g. --seeds 0,1,2")
+    try:
+        seeds = [int(t) for t in parts]
+    except ValueError:
+        raise UsageError(f"--seeds {text} is not a comma-separated list of integers") from None
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise UsageError(f"--seeds {text}: seed {bad[0]} is out of range; use integers from 0 to {MAX_SEED}")
+    twice = [s for s in dict.fromkeys(seeds) if seeds.count(s) > 1]
+    if twice:
+        raise UsageError(f"--seeds {text} names seed {twice[0]} more than once (one run directory per seed); "
+                         "give each seed once")
+    return seeds
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the runs cannot go under folder ``out`` (it, or a folder above it, is a file), else None."""
+    for at in (out, *out.parents):
+        if at.is_dir():
+            return None
+        if at.exists() or at.is_symlink():
+            return "is a file; give a folder for the runs" if at == out else f"{at} is a file, not a folder"
+    return None
 
 
 def _key(override: str) -> str:
@@ -437,6 +526,108 @@ def plan(args: argparse.Namespace) -> list[Run]:
             runs.append(Run(args.table, args.scale, row, seed, run_dir,
                             merge_overrides([*row.overrides, *quick, f"seed={seed}"], extra)))
     return runs
+
+
+def recorded_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides ``run_dir/row.json`` says its run was (last) started with; None if it says none."""
+    try:
+        data = json.loads((run_dir / "row.json").read_text())
+    except (OSError, ValueError):
+        return None
+    overrides = data.get("overrides") if isinstance(data, dict) else None
+    return [str(o) for o in overrides] if isinstance(overrides, list) else None
+
+
+def settings_changed(before: Sequence[str], now: Sequence[str]) -> list[str]:
+    """Each key whose override differs between ``before`` and ``now``, as ``key (was -> now)``, in order."""
+    def values(overrides: Sequence[str]) -> dict[str, str]:
+        return {_key(o): o.split("=", 1)[1] if "=" in o else o for o in overrides}
+
+    a, b = values(before), values(now)
+    return [f"{k} ({a.get(k, 'unset')} -> {b.get(k, 'unset')})" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
+def config_changed(run_dir: Path, composed: Any) -> list[str]:
+    """A finished run without recorded overrides: the keys whose value in its ``config.yaml`` differs from
+    the config this command composes (keys in both; ``run_dir`` aside), as ``key (was -> now)``."""
+    from omegaconf import OmegaConf
+
+    from lbc.config.resume import flatten_keys
+
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return ["config.yaml (unreadable -> this command's)"]
+    was, now = flatten_keys(recorded), flatten_keys(OmegaConf.to_container(composed, resolve=True))
+    return [f"{k} ({was[k]} -> {now[k]})" for k in now if k in was and k != "run_dir" and was[k] != now[k]]
+
+
+@contextlib.contextmanager
+def composer() -> Iterator[Callable[[Sequence[str]], Any]]:
+    """``compose(overrides)``: the config ``lbc-train overrides`` would get, composed with Hydra's compose API
+    from lbc's configs (Hydra's and OmegaConf's typed errors raised, nothing printed)."""
+    from hydra import compose, initialize_config_dir
+
+    import lbc.config  # noqa: F401  (registers the schemas and resolvers, as lbc-train does)
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        yield lambda overrides: compose(config_name="train", overrides=list(overrides))
+
+
+def config_problems(runs: Sequence[Run]) -> dict[str, str]:
+    """``{run name: one line}`` for each run whose config does not compose or pass ``lbc-train``'s checks
+    (a bad override, a key the row's method does not have, a required value not given)."""
+    from lbc import config as lbc_config
+
+    problems = {}
+    with composer() as compose:
+        for run in runs:
+            try:
+                lbc_config.validate(compose(run.train_args()))
+            except Exception as e:  # noqa: BLE001  (Hydra's, OmegaConf's and lbc's errors: one line each)
+                problems[run.name] = str(lbc_config.as_config_error(e, run.train_args()))
+    return problems
+
+
+def preflight(runs: Sequence[Run]) -> dict[str, str]:
+    """What a real run would find before it starts anything, for the dry run and the real run alike.
+
+    A finished run is skipped only when it was run with this command's overrides; a finished run of other
+    settings is a UsageError (never reported as this command's result, never overwritten). Each run to
+    start is composed and checked (:func:`config_problems`): when none could start, a UsageError with the
+    (first) reason; else ``{run name: reason}`` of the runs that would fail at start-up.
+    """
+    finished = {r.name for r in runs if run_state(r.run_dir)[0] == "finished"}
+    changed = []
+    for run in (r for r in runs if r.name in finished):
+        before = recorded_overrides(run.run_dir)
+        if before is None:
+            with composer() as compose:
+                try:
+                    diff = config_changed(run.run_dir, compose(run.train_args()))
+                except Exception:  # noqa: BLE001  (cannot compose: config_problems says why below)
+                    diff = []
+        else:
+            diff = settings_changed(before, run.overrides)
+        if diff:
+            changed.append((run, diff))
+    if changed:
+        run, diff = changed[0]
+        more = f" (and {len(changed) - 1} more run dirs like it)" if len(changed) > 1 else ""
+        raise UsageError(f"{run.run_dir} holds a finished run with other settings: {', '.join(diff)}{more}; it is "
+                         "not this command's result and is kept: use another --out, or remove it to re-run")
+    pending = [r for r in runs if r.name not in finished]
+    problems = {r.name: p for r in pending if (p := missing_preset(r))}
+    problems.update(config_problems([r for r in pending if r.name not in problems]))
+    if pending and len(problems) == len(pending):
+        first = problems[pending[0].name]
+        if all(p == first for p in problems.values()):
+            raise UsageError(first if len(pending) == 1 else f"{first} (every run of this command)")
+        raise UsageError(f"no run of this command can start: {pending[0].name}: {first} "
+                         f"(and {len(pending) - 1} more; --dry-run lists them)")
+    return problems
 
 
 def missing_preset(run: Run) -> str | None:
@@ -499,7 +690,7 @@ def launch(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) ->
             print(f"{head}: finished in {took}: {summary(run.run_dir)}", flush=True)
         else:
             failed.append(run.name)
-            why = outcome.message or "it ended before its last epoch"
+            why = outcome.message or ("it printed nothing" if outcome.code else "it ended before its last epoch")
             print(f"{head}: failed (exit {outcome.code}) after {took}: {why} (log: {run.run_dir / 'output.log'})",
                   flush=True)
     report = f"{counts['finished']} finished, {counts['skipped']} skipped, {len(failed)} failed"
@@ -507,21 +698,27 @@ def launch(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) ->
     return 1 if failed else 0
 
 
-def dry_run(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """Print the command of every run that would start (finished runs as a comment)."""
+def dry_run(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str], problems: Mapping[str, str]) -> int:
+    """Print the command of every run that would start (finished runs, and runs that would fail at
+    start-up with ``problems``' reason, as a comment); exit status 1 when some run would fail."""
     for run in runs:
         state, _ = run_state(run.run_dir)
         if state == "finished":
             print(f"# finished, skipped: {run.run_dir}")
             continue
-        problem = missing_preset(run)
-        if problem:
-            print(f"# {problem}")
+        if run.name in problems:
+            print(f"# {run.name} would fail: {problems[run.name]}")
+            continue
         if args.launcher == "slurm":
             cmd = ["<in each job>", *torchrun_command(run.train_args(), _slurm_placeholder_env(args, env))]
         else:
             cmd = command_for(run, args.launcher, env)
         print(shlex.join(cmd))
+    if problems:
+        name, why = next(iter(problems.items()))
+        print(f"error: {len(problems)} run(s) would fail at start-up: {name}: {why}"
+              + (" (the others: the comments above)" if len(problems) > 1 else ""), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -538,9 +735,12 @@ def _slurm_shape(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[int,
     """(nodes, GPUs per node) of each job: hydra.launcher.nodes/gpus_per_node, else NNODES /
     NPROC_PER_NODE, else one node of 8 GPUs."""
     given = dict(o.split("=", 1) for o in args.overrides if o.startswith("hydra.launcher."))
-    nodes = int(given.get("hydra.launcher.nodes") or env.get("NNODES") or 1)
-    gpus = int(given.get("hydra.launcher.gpus_per_node") or env.get("NPROC_PER_NODE") or 8)
-    return nodes, gpus
+    shape = []
+    for option, variable, default in (("nodes", "NNODES", "1"), ("gpus_per_node", "NPROC_PER_NODE", "8")):
+        key = f"hydra.launcher.{option}"
+        name, value = (key, given[key]) if given.get(key) else (variable, env.get(variable) or default)
+        shape.append(_checked_int(name, value, 1, None, option.replace("_", " ")))
+    return shape[0], shape[1]
 
 
 def _slurm_placeholder_env(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, str]:
@@ -560,21 +760,33 @@ def _slurm_job(cfg: Any) -> int:
         return 1
 
 
-def submit_slurm(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """Submit the unfinished runs as one array job (Hydra multirun, ``hydra/launcher=submitit_slurm``),
-    wait for it, then one line per run: finished or failed."""
+def require_submitit() -> None:
+    """--launcher slurm needs the ``slurm`` extra: one line before anything is checked or written."""
     import importlib.util
 
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
         raise UsageError("--launcher slurm needs Hydra's submitit launcher, which is not installed: "
                          "pip install -e '.[slurm]' (or run scripts/tableN.sh inside an allocation)")
+
+
+def submit_slurm(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str],
+                 problems: Mapping[str, str] | None = None) -> int:
+    """Submit the unfinished runs as one array job (Hydra multirun, ``hydra/launcher=submitit_slurm``),
+    wait for it, then one line per run: finished or failed (a run in ``problems`` is not submitted: it
+    fails with its reason)."""
+    problems = problems or {}
+    require_submitit()
     tag = f"[{args.table}/{args.scale}]"
     pending = [r for r in runs if run_state(r.run_dir)[0] != "finished"]
     for r in runs:
         if r not in pending:
             print(f"{tag} {r.name}: skipped, finished before ({summary(r.run_dir)})", flush=True)
+    failed_at_start = [r for r in pending if r.name in problems]  # not submitted: they would fail at start-up
+    for r in failed_at_start:
+        print(f"{tag} {r.name}: failed: {problems[r.name]}", flush=True)
+    pending = [r for r in pending if r not in failed_at_start]
     if not pending:
-        return 0
+        return 1 if failed_at_start else 0
     for r in pending:
         write_row_json(r)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -595,7 +807,7 @@ def submit_slurm(runs: list[Run], args: argparse.Namespace, env: Mapping[str, st
     for r in pending:
         result = "failed (see its output in " + str(sweep) + ")" if r in failed else f"finished: {summary(r.run_dir)}"
         print(f"{tag} {r.name}: {result}", flush=True)
-    return 1 if failed else 0
+    return 1 if failed or failed_at_start else 0
 
 
 def sweep_overrides(args: argparse.Namespace, env: Mapping[str, str], sweep: Path, runs_file: Path,
@@ -627,11 +839,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.launcher in ("torchrun", "slurm"):
+            check_env(env)
+            if args.launcher == "slurm":
+                _slurm_shape(args, env)
+            else:
+                torchrun_args(env)  # several nodes without an address, or a SLURM batch script: one line
+        if args.launcher == "slurm" and not args.dry_run:
+            require_submitit()
         runs = plan(args)
+        problems = preflight(runs)
         if args.dry_run:
-            return dry_run(runs, args, env)
+            return dry_run(runs, args, env, problems)
         if args.launcher == "slurm":
-            return submit_slurm(runs, args, env)
+            return submit_slurm(runs, args, env, problems)
         return launch(runs, args, env)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

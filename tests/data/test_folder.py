@@ -156,3 +156,62 @@ def test_wrong_num_classes_and_interpolation_are_config_errors(tree):
         build_datasets("folder", root=str(tree), interpolation="cubicle")
     with pytest.raises(ConfigError, match="data.rand_augment='rand-x9'"):
         build_datasets("folder", root=str(tree), rand_augment="rand-x9")
+
+
+# --- directory symlinks: loops are not followed, a class folder elsewhere is ----------------------------
+
+
+def _links(tmp_path: Path) -> Path:
+    """train: ant and bee, 8 images each (16), val: 2 ant; returns the train folder."""
+    make_tree(tmp_path, {"ant": 8, "bee": 8}, "train")
+    make_tree(tmp_path, {"ant": 2}, "val")
+    return tmp_path / "train"
+
+
+@pytest.mark.parametrize(("link", "target"), [
+    ("ant/loop", "."),  # a class folder holding a link to itself
+    ("bee/up", ".."),  # ... to the split
+    ("ant/root", "../.."),  # ... to the data root, above the split
+    ("again", "."),  # a link at the top of the split, to the split
+    ("ant/bees", "../bee"),  # into the split: bee's images under another name
+])
+def test_a_symlink_loop_does_not_add_images_or_classes(tmp_path, caplog, link, target):
+    train = _links(tmp_path)
+    (train / link).symlink_to(target, target_is_directory=True)
+    assert (train / link).is_dir()  # a real link that resolves
+    with caplog.at_level(logging.WARNING, logger="lbc.data.folder"):
+        ds = build_datasets("folder", root=str(tmp_path), image_size=8)
+    assert len(ds.train) == 16 and ds.train.classes == ["ant", "bee"] and ds.num_classes == 2
+    assert sorted(label for _, label in ds.train.reader.samples) == [0] * 8 + [1] * 8
+    assert all(link.split("/")[-1] not in Path(p).relative_to(train).parts for p, _ in ds.train.reader.samples)
+    warned = [r.getMessage() for r in caplog.records if "not following the symlink" in r.getMessage()]
+    assert len(warned) == 1 and str(train / link) in warned[0]
+
+
+def test_a_symlinked_class_folder_elsewhere_is_followed_once(tmp_path, caplog):
+    train = _links(tmp_path)
+    make_tree(tmp_path / "disk2", {"cat": 3}, "images")  # a class folder on another disk
+    (train / "cat").symlink_to(tmp_path / "disk2" / "images" / "cat", target_is_directory=True)
+    elsewhere = tmp_path / "disk2" / "images" / "cat"
+    (elsewhere / "self").symlink_to(".", target_is_directory=True)  # a loop inside the followed folder
+    make_tree(tmp_path / "disk3", {"cat": 1}, "x")  # two folders elsewhere that link to each other
+    (elsewhere / "x").symlink_to(tmp_path / "disk3" / "x", target_is_directory=True)
+    (tmp_path / "disk3" / "x" / "cat" / "back").symlink_to(elsewhere, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="lbc.data.folder"):
+        ds = build_datasets("folder", root=str(tmp_path), image_size=8)
+    assert ds.train.classes == ["ant", "bee", "cat"]
+    cats = [p for p, label in ds.train.reader.samples if label == 2]
+    assert len(ds.train) == 16 + 3 + 1 and len(cats) == 4  # cat's 3 and the 1 behind x/cat, each once
+    assert sum(Path(p).parent == train / "cat" for p in cats) == 3
+    assert sum("not following the symlink" in r.getMessage() for r in caplog.records) == 2  # self, back
+
+
+def test_find_images_matches_timms_walk_without_links(tree):
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    from lbc.data.folder import IMAGE_EXTENSIONS, find_images
+
+    for split in ("train", "val"):
+        samples, classes, skipped = find_images(str(tree / split))
+        assert (samples, classes) == find_images_and_targets(str(tree / split), types=IMAGE_EXTENSIONS)
+        assert skipped == []

@@ -180,7 +180,7 @@ def test_full_scale_dry_run_is_one_torchrun_command_per_row(tmp_path: Path):
 def test_slurm_allocation_gives_torchrun_its_rendezvous(tmp_path: Path):
     slurm = {"SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu-[017-018]",
              "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"}
-    done = launch("--table", "table4", "--dry-run", "--out", str(tmp_path), env=slurm)
+    done = launch("--table", "table4", "--dry-run", "--out", str(tmp_path), "data.root=/data/imagenet", env=slurm)
     assert done.returncode == 0, done.stderr
     commands = lines_with(done.stdout, "lbc.cli.torchrun")
     assert len(commands) == 3  # Table 4's rows with a preset (DNW, RigL, GMP, STR are paper only)

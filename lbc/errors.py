@@ -15,6 +15,18 @@ class DataError(RuntimeError):
     """A data set cannot be used as given (missing path, empty split, ...)."""
 
 
+class WriteError(DataError):
+    """A file could not be written (disk full, quota, read-only file system, permission): a runtime failure,
+    one line naming the file and the reason; the previous file of that name is intact (lbc.io.atomic_write).
+
+    A DataError so that every command that prints a DataError as one line prints this one too; a command
+    that tells runtime failures from bad input exits 1 on it (catch it before DataError)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise the one-line ConfigError ``<key>=<value> is not allowed; <allowed>`` unless ``ok``."""
     if not ok:

@@ -18,6 +18,16 @@ A language-model run (task=lm) exports a transformers save_pretrained directory 
 config.json, generation_config.json, the tokenizer's files, report.json and lbc_export.json (for lbc-check);
 AutoModelForCausalLM.from_pretrained(DIR) loads it without lbc and gives the masked model's logits (checked).
 --onnx, --ema and --input-size are not supported there.
+
+A detection run (task=detection: its run directory, or one of its epoch_<n>.pth) exports a plain MMDetection
+checkpoint: DIR/model.pth (the detector's own state-dict keys, masks folded in, meta with the config and the
+classes), DIR/config.py (the run's config with lbc taken out), report.json and lbc_export.json (for lbc-check);
+mmdet's init_detector(DIR/config.py, DIR/model.pth) loads it without lbc and gives the masked model's
+predictions (checked). --onnx, --ema and --input-size are not supported there.
+
+--out must be a new or empty directory or an earlier export's: a run directory (last.pt, metrics.jsonl,
+.lock, .hydra, last_checkpoint, a run's config.yaml) or a directory holding other files is refused before
+anything is read. A write the storage refuses (disk full, read-only, no permission): one line, exit 1.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lbc.errors import ConfigError
+from lbc.errors import ConfigError, WriteError
 from lbc.export import ONNX_OPSET, export_run, format_checks, report_json
 from lbc.io import atomic_write
 
@@ -59,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--input-size {args.input_size}: use positive sizes")
         folded, report = export_run(args.source, args.out, ema=args.ema, onnx=args.onnx, opset=args.opset,
                             input_size=args.input_size, say=say)
+    except WriteError as err:  # disk full, read-only, no permission: a runtime failure, the earlier files intact
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -66,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_checks(folded.layers, folded.pattern))
     if report.get("task") == "lm":
         return _lm_done(args, report)
+    if report.get("task") == "detection":
+        return _detection_done(args, report)
     params = sum(v.numel() for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
     nonzero = sum(int((v != 0).sum()) for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
     nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
@@ -97,6 +112,24 @@ def _lm_done(args: argparse.Namespace, report: dict[str, Any]) -> int:
           f"(max |diff| {report['max_abs_diff']:.3g})")
     if args.accelerate:
         why = "task=lm: --accelerate times image models from config.yaml; a transformers export is not timed"
+        print(f"accelerate: not run: {why}")
+        report["acceleration"] = {"converted": 0, "reason": why}
+        atomic_write(Path(args.out) / "report.json", lambda p: p.write_text(report_json(report)))
+    return 0
+
+
+def _detection_done(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """The closing line of a detection export (and --accelerate's reason for not running)."""
+    from lbc.export.lm import linear_weights
+
+    nonzero, params = linear_weights(report)
+    nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
+    print(f"exported {report['model']} ({report['method']} {report['pattern']}, epoch {report['epoch']}) to "
+          f"{args.out}: {', '.join(report['files'])}; {report['nm_layers']} layers {nm} {report['pattern']}, "
+          f"conv/linear weights {nonzero}/{params} non-zero; the plain mmdet model's outputs equal the masked "
+          f"model's (max |diff| {report['max_abs_diff']:.3g})")
+    if args.accelerate:
+        why = "task=detection: --accelerate times image classifiers from config.yaml; a detector is not timed"
         print(f"accelerate: not run: {why}")
         report["acceleration"] = {"converted": 0, "reason": why}
         atomic_write(Path(args.out) / "report.json", lambda p: p.write_text(report_json(report)))

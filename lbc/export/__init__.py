@@ -11,7 +11,14 @@
   ``AutoModelForCausalLM.from_pretrained`` loads, and ``lbc-check``'s reading of it.
 """
 
-from lbc.export.check import LayerCheck, check_layer, check_weights, format_checks, read_weights
+from lbc.export.check import (
+    LayerCheck,
+    check_layer,
+    check_weights,
+    format_checks,
+    read_weights,
+    require_same_keys,
+)
 from lbc.export.fold import (
     Folded,
     fold_checkpoint,
@@ -38,5 +45,5 @@ __all__ = [
     "FILES", "LM_FACTS", "ONNX_CLASSES_KEY", "ONNX_FILE", "ONNX_OPSET", "ONNX_PREPROCESS_KEY", "Folded", "LayerCheck", "check_layer", "check_weights",
     "export_lm", "export_onnx", "export_run", "fold_checkpoint", "fold_lm", "format_checks", "infer_num_classes",
     "input_size_of", "load_exported", "load_training_checkpoint", "preprocess_image", "read_export_config",
-    "read_preprocess", "read_weights", "report_json", "write_export", "write_lm",
+    "read_preprocess", "read_weights", "report_json", "require_same_keys", "write_export", "write_lm",
 ]

@@ -171,6 +171,26 @@ def check_weights(
     return checks
 
 
+def require_same_keys(state: Mapping[str, torch.Tensor], model: nn.Module, what: str, hint: str) -> None:
+    """Refuse, in one line, ``state`` that is not ``model``'s: a missing or unexpected key, or another shape.
+
+    ``--model resnet18`` on a ResNet-34's weights would otherwise be checked on the keys the two share.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    if shapes:
+        k = shapes[0]
+        why = f"{k} has shape {list(state[k].shape)}, the model's is {list(expected[k].shape)}"
+    else:
+        why = "; ".join(f"{len(keys)} {kind} key{'s' if len(keys) > 1 else ''} ({keys[0]!r}{', ...' if len(keys) > 1 else ''})"
+                        for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    raise ConfigError(f"{what} are not of this model: {why} (see {hint})")
+
+
 def _check_model_layers(state: Mapping[str, torch.Tensor], pattern: NMPattern, model: nn.Module,
                         exclude: str | Iterable[str] | None) -> list[LayerCheck]:
     """:func:`check_weights` with a model: its Conv2d/Linear layers, its training selection."""

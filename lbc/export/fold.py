@@ -51,8 +51,8 @@ def checkpoint_path(source: str | Path) -> Path:
 def load_training_checkpoint(source: str | Path) -> tuple[dict[str, Any], Path]:
     """Read an lbc training checkpoint (weights only); a one-line ConfigError if it is not one.
 
-    Refuses detection runs (an MMDetection model is not built from ``model.*`` alone); language-model
-    runs (``task=lm``) pass through, for :mod:`lbc.export.lm`.
+    Refuses a detection config here (detection runs are mmengine checkpoints, read by
+    :mod:`lbc.export.detection`); language-model runs (``task=lm``) pass through, for :mod:`lbc.export.lm`.
     """
     path = checkpoint_path(source)
     ckpt = read_pt(path, "checkpoint")
@@ -67,8 +67,8 @@ def load_training_checkpoint(source: str | Path) -> tuple[dict[str, Any], Path]:
         raise ConfigError(f"{what}: its config has no model or sparsity section")
     task = config.get("task") or {}
     if (isinstance(task, dict) and task.get("name") == "detection") or "mmdet_config" in config["model"]:
-        raise ConfigError(f"{str(path)!r} is a detection run: lbc-export handles classification and language "
-                          "models (a detector's backbone can be exported from its own checkpoint by mmdet tools)")
+        raise ConfigError(f"{str(path)!r} is a detection run's config in a classification checkpoint: export the "
+                          "detection run's directory (or its epoch_<n>.pth) instead")
     return ckpt, path
 
 

@@ -40,7 +40,7 @@ from lbc.export.check import check_layer
 from lbc.export.fold import Folded, Say, load_state, silent
 from lbc.export.onnx import ONNX_FILE
 from lbc.export.write import _out_dir, read_export_config, report_json
-from lbc.io import atomic_write, strip_module_prefix
+from lbc.io import atomic_write, storage_error, strip_module_prefix
 from lbc.lm.model import (
     DTYPES,
     build_tokenizer,
@@ -225,12 +225,18 @@ def write_lm(folded: LMFolded, out: str | Path, *, say: Say = silent) -> dict[st
     for stale in out.glob(f"{STAGING}*"):  # left by a killed export
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    except OSError as err:
+        raise (storage_error(err, out) or err) from None
     try:
         say(f"writing {out} (save_pretrained: model.safetensors, config.json, the tokenizer)")
         with _no_progress_bars():
-            folded.model.save_pretrained(staging, safe_serialization=True)
-            folded.tokenizer.save_pretrained(staging)
+            try:  # into the staging folder: OUT's earlier files are untouched until every file is there
+                folded.model.save_pretrained(staging, safe_serialization=True)
+                folded.tokenizer.save_pretrained(staging)
+            except (OSError, RuntimeError) as err:  # a full disk, a quota: one line (lbc.io.storage_error)
+                raise (storage_error(err, staging) or err) from None
             say("reloading it with AutoModelForCausalLM.from_pretrained and comparing the logits")
             try:
                 reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(staging), local_files_only=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,10 +48,68 @@ def report_json(report: Mapping[str, Any]) -> str:
     return f'{head[:-2]},\n "layers": [\n{layers}\n ]\n}}\n'
 
 
-def _out_dir(out: str | Path) -> Path:
+# Every name an export of lbc-export writes into its directory (classification, detection, lm: the lm
+# export's tokenizer files are listed in its lbc_export.json), and what a run directory holds.
+EXPORT_NAMES = frozenset({*FILES, "model.onnx", "model.onnx.data", "lbc_export.json", "model.pth", "config.py"})
+RUN_MARKERS = ("last.pt", "metrics.jsonl", ".lock", ".hydra", "last_checkpoint", "train.log")
+_TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp|\.lbc-export-.*")  # atomic_write's temp files, lm's staging folders
+
+
+def _listed_files(out: Path) -> set[str]:
+    """The plain file names an earlier export's ``lbc_export.json`` lists (its ``files``), if it has one."""
+    try:
+        files = json.loads((out / "lbc_export.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in files if isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..")} \
+        if isinstance(files, list) else set()
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """``--out`` as a directory an export may write into, checked before anything is read or written.
+
+    A new or empty directory, or an earlier export's (nothing in it but the files an export writes). A run
+    directory (``last.pt``, ``metrics.jsonl``, ``.lock``, ``.hydra``, a detection run's ``last_checkpoint``
+    or ``epoch_<n>.pth``, a run's ``config.yaml``), a file, or a directory holding anything else is a
+    one-line ConfigError: the export would overwrite or mix with files that are not its own.
+    """
     out = Path(out)
+    where = f"--out {str(out)!r}"
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; pass a directory")
+        raise ConfigError(f"{where} is a file; pass a directory")
+    if not out.is_dir():
+        return out
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read: {err.strerror or err}") from None
+    marker = next((m for m in RUN_MARKERS if m in names), None)
+    marker = marker or next((n for n in names if re.fullmatch(r"epoch_\d+\.pth", n)), None)
+    if marker is None and "config.yaml" in names and not _is_export_config(out / "config.yaml"):
+        marker = "config.yaml, a run's config"
+    if marker is not None:
+        raise ConfigError(f"{where} is a run directory (it holds {marker}): an export there would overwrite the "
+                          "run's files; pass a new directory")
+    allowed = EXPORT_NAMES | _listed_files(out)
+    foreign = [n for n in names if n not in allowed and not _TEMP.fullmatch(n)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"{where} holds files an export does not write ({shown}); pass a new or empty directory, "
+                          "or an earlier export's")
+    return out
+
+
+def _is_export_config(path: Path) -> bool:
+    try:
+        read_export_config(path)
+    except ConfigError:
+        return False
+    return True
+
+
+def _out_dir(out: str | Path) -> Path:
+    """``--out`` checked (:func:`check_out_dir`) and created; one line if it cannot be."""
+    out = check_out_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -85,7 +144,8 @@ def write_export(folded: Folded, out: str | Path, *, onnx: bool = False, opset: 
     else:
         for stale in (out / ONNX_FILE, out / f"{ONNX_FILE}.data"):
             stale.unlink(missing_ok=True)
-    (out / "lbc_export.json").unlink(missing_ok=True)  # an earlier lm export's facts: lbc-check would read them
+    for stale in ("lbc_export.json", "model.pth", "config.py"):  # an earlier lm or detection export's: they would
+        (out / stale).unlink(missing_ok=True)  # not match (and lbc-check would read lbc_export.json)
     atomic_write(out / "report.json", lambda p: p.write_text(report_json(report)))
     return report
 
@@ -95,8 +155,17 @@ def export_run(source: str | Path, out: str | Path, *, ema: bool = False, onnx: 
                say: Say = silent) -> tuple[Folded, dict[str, Any]]:
     """``lbc-export``'s work: read the run's checkpoint, fold it, write the export into ``out``; (folded, report).
 
-    A language-model run (``task=lm``) goes to :mod:`lbc.export.lm` (a ``save_pretrained`` directory).
+    A language-model run (``task=lm``) goes to :mod:`lbc.export.lm` (a ``save_pretrained`` directory), a
+    detection run (its run directory or an ``epoch_<n>.pth``) to :mod:`lbc.export.detection` (a plain mmdet
+    checkpoint). ``out`` is checked first (:func:`check_out_dir`: never a run directory).
     """
+    check_out_dir(out)  # before the checkpoint is read: a run directory is refused at once
+    from lbc.export.detection import check_detection_options, detection_checkpoint, export_detection
+
+    detection = detection_checkpoint(source)
+    if detection is not None:  # a detection run: a plain mmdet checkpoint (lbc.export.detection)
+        check_detection_options(ema=ema, onnx=onnx, input_size=input_size)
+        return export_detection(detection, out, say=say)
     ckpt, path = load_training_checkpoint(source)
     task = ckpt["config"].get("task")
     if isinstance(task, dict) and task.get("name") == "lm":
@@ -254,4 +323,10 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{str(path)!r} is not a readable export config: {first_line(err)}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not config.get("num_classes"):
         raise ConfigError(f"{str(path)!r} is not an lbc export config (no model section or num_classes)")
+    classes = config["num_classes"]
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise ConfigError(f"{str(path)!r}: num_classes={classes!r} is not allowed; use a positive integer "
+                          "(the export's own value: export the run again rather than editing it)")
+    if not isinstance(config["model"].get("name"), str):
+        raise ConfigError(f"{str(path)!r}: model.name={config['model'].get('name')!r} is not a model name")
     return config

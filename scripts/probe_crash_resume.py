@@ -59,7 +59,7 @@ def position(path: Path) -> str:
         return "no last.pt"
     ckpt = torch.load(path, weights_only=True)
     step = int(ckpt.get("epoch_step") or 0)
-    return f"epoch {ckpt['epoch'] + 1} step {step}" if step else f"end of epoch {ckpt['epoch']}"
+    return f"last.pt at epoch {ckpt['epoch'] + 1} step {step}" if step else f"last.pt at end of epoch {ckpt['epoch']}"
 
 
 def same_state(a: Path, b: Path) -> str | None:
@@ -134,8 +134,8 @@ def main() -> int:
         exact += diff is None
         leftovers = sorted(p.name for p in run_dir.glob(".*.tmp"))
         rank = f" rank of {len(children)}" if children else ""
-        print(f"trial {trial:2d}: {sig.name:7s}{rank} {when} after {delay:4.1f} s -> exit {first:4d}, last.pt at "
-              f"{where}; resumed x{restarts} -> "
+        print(f"trial {trial:2d}: {sig.name:7s}{rank} {when} after {delay:4.1f} s -> exit {first:4d}, {where}; "
+              f"resumed x{restarts} -> "
               f"{'bit-exact' if diff is None else 'DIFFERS: ' + diff}{'; temp files left: ' + str(leftovers) if leftovers else ''}")
     print(f"{exact}/{args.trials} kill-and-resume trials ended bit-exact")
     return 0 if exact == args.trials else 1

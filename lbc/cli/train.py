@@ -40,11 +40,14 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def fail(message: str, status: int = 2) -> None:
-    """Print ``error: <message>`` as one line on stderr (rank 0 only) and exit with ``status``."""
+    """Print ``error: <message>`` as one line on stderr (rank 0 only; under ``lbc-torchrun`` every rank leaves
+    it to the launcher, which prints one) and exit with ``status``."""
     from lbc.run import distributed
 
-    if distributed.rank() == 0 and os.environ.get("RANK", "0") == "0":
-        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    line = " ".join(message.split())
+    reported = distributed.report(status, line)  # under lbc-torchrun the launcher prints the one line
+    if not reported and distributed.rank() == 0 and os.environ.get("RANK", "0") == "0":
+        print(f"error: {line}", file=sys.stderr, flush=True)
     signals.exit_process(status)  # sys.exit; under torchrun, leave the process group first
 
 
@@ -112,6 +115,8 @@ def run_job(cfg: DictConfig) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from lbc import config as lbc_config
+    from lbc.run import distributed
+    from lbc.run.lifecycle import resume_hint
 
     out = HydraConfig.get().runtime.output_dir
     _job_dirs.append(out)
@@ -120,14 +125,41 @@ def run_job(cfg: DictConfig) -> None:
     try:
         runner(cfg)(cfg)
     except signals.Stopped as e:  # SIGTERM / first Ctrl-C: the run saved what it could and logged one line
+        distributed.report(e.exit_code, str(e), kind="stop")  # under lbc-torchrun: for the launcher's line
         signals.exit_process(e.exit_code)
-    except FloatingPointError as e:  # diverged: the run dir keeps the last good checkpoint
-        fail(f"{e} (lower optim.lr or enable trainer.clip_grad; the last good checkpoint is in {cfg.run_dir})", 1)
+    except FloatingPointError as e:  # diverged: nothing diverged was saved; say what the run dir holds
+        fail(f"{e} ({diverged_hint(cfg)})", 1)
     except (ConfigError, DataError, OmegaConfBaseException, KeyboardInterrupt) as e:
         rundir.remove_if_unused(out)  # a run that failed at start-up leaves no folder with only .hydra/ in it
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM before training started (the loop stops gracefully)
             _interrupted(e)
         fail(str(lbc_config.as_config_error(e)) if isinstance(e, OmegaConfBaseException) else str(e))
+    except Exception as e:  # a collective that timed out or lost a rank: one line, then out at once
+        if not distributed.is_link_failure(e):
+            raise
+        line, prints = distributed.link_failure_line(e)
+        line = f"{line}; {resume_hint(cfg.run_dir)}"
+        if not distributed.report(1, line, "timeout" if distributed.timed_out(e) else "error") and prints:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        distributed.exit_now(1)  # leaving the group would wait for the rank that does not answer
+
+
+def diverged_hint(cfg: DictConfig) -> str:
+    """After a diverged run: the checkpoint a rerun continues from (``<run_dir>/last.pt`` and its epoch), or
+    that none was written, and what to change (trainer.clip_grad may change on resume; optim.lr may not)."""
+    from omegaconf import OmegaConf
+
+    from lbc.run.lifecycle import last_checkpoint
+
+    found = last_checkpoint(cfg.run_dir)
+    resume = OmegaConf.select(cfg, "trainer.resume", default=None, throw_on_missing=False)
+    if found is None:
+        again = f"it resumes from {resume} again" if resume else "it starts over"
+        return (f"no checkpoint was written in {cfg.run_dir}: lower optim.lr or set trainer.clip_grad and run "
+                f"again ({again})")
+    path, holds = found
+    return (f"the last good checkpoint is {path}" + (f" ({holds})" if holds else "") + ": set trainer.clip_grad "
+            "and run again to resume from it, or lower optim.lr with a new run_dir")
 
 
 def runner(cfg: DictConfig) -> Callable[[DictConfig], Any]:
@@ -203,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides = _overrides(argv)
     except ConfigError as e:
         fail(str(e))
+    except OSError as e:  # a run_dir the system cannot look at (a symlink loop, ...)
+        fail(f"run_dir={rundir.short(os.fsdecode(e.filename or ''))}: {e.strerror or e}; pick another run_dir")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # the loop has its own
     raising = _HydraRaises()
@@ -220,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001  (before a job starts, an error is about the command line or config)
         if raising.in_job or raising.user == "1":  # a job's own error, or the user asked for Hydra's full trace
             raise
+        if isinstance(e, OSError) and e.filename is not None:  # Hydra could not make the job's directory
+            fail(f"run_dir={rundir.short(os.fsdecode(e.filename))} cannot be created: {e.strerror or e}; "
+                 "pick another run_dir")
         fail(str(lbc_config.as_config_error(e, overrides)))  # Hydra could not compose: no job has started
     except KeyboardInterrupt as e:  # while Hydra composes or starts the job
         for out in _job_dirs:

@@ -12,6 +12,11 @@ from lbc.config.errors import as_config_error
 from lbc.config.schema import SCHEMAS
 from lbc.errors import ConfigError, require
 
+# The largest seed: torch.manual_seed takes at most 2**64-1 and the runs add small offsets to it (the rank,
+# the epoch: DistributedSampler, the workers); numpy's generators refuse negative seeds. 2**63-1 also fits
+# every int64 the seed passes through (checkpoints, TensorBoard, numpy).
+SEED_MAX = 2**63 - 1
+
 
 def _check_keys(node: Any, schema: type, prefix: str) -> None:
     """Refuse keys the schema does not have (``+group.key=...`` adds one past the struct check)."""
@@ -50,6 +55,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as err:
         raise as_config_error(err) from None
     require(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "use an integer")
+    require(0 <= seed <= SEED_MAX, "seed", seed, f"use an integer from 0 to 2**63-1 ({SEED_MAX})")
     require(isinstance(run_dir, str) and bool(run_dir), "run_dir", run_dir, "use a directory path")
     optim, schedule = typed.get("optim"), typed.get("schedule")
     if hasattr(schedule, "min_lr") and hasattr(optim, "lr"):  # a schedule that decays to a floor (cosine)

@@ -1,10 +1,28 @@
-"""torchrun/DDP plumbing: process group set-up, rank helpers, reductions, the DDP (re)wrap, shutdown."""
+"""torchrun/DDP plumbing: process group set-up, rank helpers, reductions, the DDP (re)wrap, shutdown.
+
+Every collective is bounded: the process group is made with ``timeout=`` :func:`timeout`, read from the
+environment variable ``LBC_DIST_TIMEOUT`` (seconds, default 600), so a rank that stops answering (frozen
+by SIGSTOP, hung in I/O, its machine gone) ends the run on the others after that long instead of
+stalling them forever. Each rank also beats a counter in the job's store (:func:`silent_ranks`), so the
+one-line error can name the rank(s) that stopped answering (:func:`link_failure_line`).
+
+Under ``lbc-torchrun`` (``LBC_TORCHRUN_REPORTS`` names a folder) the ranks report their one-line errors
+and rank 0 its run directory there (:func:`report`, :func:`note_run_dir`); the launcher prints the one
+line (``lbc/cli/torchrun.py``).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,10 +71,167 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+TIMEOUT_ENV = "LBC_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+REPORTS_ENV = "LBC_TORCHRUN_REPORTS"
+_BEAT_KEY = "lbc/alive/"
+_beat: dict[str, Any] = {}  # the heartbeat's interval and start (set by init)
+
+
+def timeout() -> timedelta:
+    """How long a collective waits for the other ranks: ``LBC_DIST_TIMEOUT`` seconds (default 600, for gloo
+    and nccl alike). A value that is not a positive number is one ConfigError line naming the variable."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} is not allowed; use a positive number of seconds "
+                          f"(the default is {DEFAULT_TIMEOUT_S:g})")
+    return timedelta(seconds=seconds)
+
+
 def init(device: torch.device) -> None:
-    """Join the process group when started by torchrun (nccl on CUDA, gloo on CPU); no-op otherwise."""
+    """Join the process group when started by torchrun (nccl on CUDA, gloo on CPU), its collectives bounded by
+    :func:`timeout`, and start this rank's heartbeat; no-op otherwise."""
     if launched_by_torchrun() and not is_distributed():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        bound = timeout()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=bound)
+        _start_heartbeat(bound)
+
+
+def _store(seconds: float) -> Any:
+    """A client of the job's key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT), or None."""
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=seconds), wait_for_workers=False)
+    except Exception:  # noqa: BLE001  (no store to reach: the error line names no rank)
+        return None
+
+
+def _start_heartbeat(bound: timedelta) -> None:
+    """A daemon thread adds 1 to ``lbc/alive/<rank>`` in the store every ``interval`` seconds (a tenth of the
+    timeout, 0.5 to 2 s); a rank that is frozen or gone stops counting (:func:`silent_ranks`)."""
+    interval = min(2.0, max(0.5, bound.total_seconds() / 10))
+    store = _store(interval * 4)
+    if store is None:
+        return
+    key = f"{_BEAT_KEY}{rank()}"
+
+    def beat() -> None:
+        while True:
+            try:
+                store.add(key, 1)
+            except Exception:  # noqa: BLE001  (the store went: nothing left to tell)
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=beat, name="lbc-heartbeat", daemon=True).start()
+    _beat.update(interval=interval)
+
+
+def silent_ranks() -> list[int] | None:
+    """The other ranks whose heartbeat stopped (frozen, hung or gone), watched for about 2.5 beats; None
+    when it cannot be told (no heartbeat, the store does not answer)."""
+    if not _beat or not is_distributed():
+        return None
+    interval = _beat["interval"]
+    store = _store(interval * 2)
+    if store is None:
+        return None
+    keys = [f"{_BEAT_KEY}{r}" for r in range(world_size())]
+    stops = {signal.SIGTERM, signal.SIGINT}  # torchrun sends SIGTERM once a rank failed: finish the line first
+    blocked = threading.current_thread() is threading.main_thread()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # the caller exits without unblocking (exit_now)
+    try:
+        before = [store.add(k, 0) for k in keys]
+        time.sleep(2.5 * interval)
+        after = [store.add(k, 0) for k in keys]
+    except Exception:  # noqa: BLE001
+        return None
+    return [r for r in range(len(keys)) if after[r] == before[r] and r != rank()]
+
+
+# What gloo and nccl say when a peer did not answer in time or went away (their errors are plain RuntimeErrors)
+_LINK_PHRASES = ("timed out waiting", "application timeout", "pair closure", "connection closed by peer",
+                 "connection reset by peer", "communicator was aborted", "collective operation timeout")
+_LINK_WORDS = ("timeout", "timed out", "broken pipe", "socket closed")  # only with a backend's name beside
+
+
+def is_link_failure(err: BaseException) -> bool:
+    """``err`` is a collective that failed because another rank did not answer in time or went away (the
+    process group's errors, torch's ``DistError`` family, or gloo's / nccl's RuntimeError saying so)."""
+    if not is_distributed():
+        return False
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and (
+        any(p in text for p in _LINK_PHRASES)
+        or any(w in text for w in _LINK_WORDS) and any(w in text for w in ("gloo", "nccl", "c10d", "processgroup")))
+
+
+def timed_out(err: BaseException) -> bool:
+    """A link failure (:func:`is_link_failure`) that is a timeout: the peer was there but did not answer."""
+    return any(w in str(err).lower() for w in ("timed out", "timeout"))
+
+
+def link_failure_line(err: BaseException) -> tuple[str, bool]:
+    """The one line for a collective that failed (:func:`is_link_failure`), and whether this rank prints it
+    (the lowest rank still answering, so that one line is printed; every rank when that cannot be told).
+
+    Names the rank(s) that stopped answering when the heartbeats tell (:func:`silent_ranks`)."""
+    silent = silent_ranks()
+    me = rank()
+    if timed_out(err):
+        how, why = f"did not answer within {timeout().total_seconds():g} s ({TIMEOUT_ENV})", "frozen (SIGSTOP), hung or gone"
+    else:
+        how, why = "went away (its connection closed)", "killed, crashed or gone"
+    if silent:
+        who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
+        line = f"{who} {how}: {why}; the run stopped on the other ranks"
+        prints = me == min(r for r in range(world_size()) if r not in silent)
+    else:
+        line = f"rank {me}: another rank {how}: {why}; the run stopped"
+        prints = True
+    return line, prints
+
+
+def report(status: int, message: str, kind: str = "error") -> bool:
+    """Under ``lbc-torchrun``: leave this rank's one line (``status``: its exit status; ``kind``: ``error``,
+    ``timeout`` (a peer did not answer: it comes before torchrun kills that peer) or ``stop``) for the launcher, which prints it. Returns whether it was left (False: not under
+    lbc-torchrun, or the folder cannot be written; the caller prints it itself)."""
+    folder = os.environ.get(REPORTS_ENV)
+    if not folder:
+        return False
+    where = Path(folder) / f"rank{os.environ.get('RANK', rank())}.json"
+    try:
+        where.write_text(json.dumps({"status": status, "message": message, "kind": kind, "time": time.time()}))
+    except OSError:
+        return False
+    return True
+
+
+def note_run_dir(run_dir: str | os.PathLike[str]) -> None:
+    """Under ``lbc-torchrun``, on rank 0: tell the launcher the run directory (for its resume hint)."""
+    folder = os.environ.get(REPORTS_ENV)
+    if folder and is_main():
+        try:
+            (Path(folder) / "run_dir").write_text(os.path.abspath(os.fspath(run_dir)))
+        except OSError:
+            pass
+
+
+def exit_now(status: int) -> None:
+    """Exit at once with ``status`` after a collective failed: leaving the process group would wait for the
+    ranks that stopped answering (the kernel still releases the run dir's lock)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier() -> None:

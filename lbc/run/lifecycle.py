@@ -22,6 +22,7 @@ and the headline of the done line (its metrics in a few words).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,7 +39,7 @@ log = logging.getLogger("lbc")
 
 CONFIG_FILE = "config.yaml"  # the resolved config of the run, in its run directory
 
-__all__ = ["CONFIG_FILE", "Run", "done_line", "start_line"]
+__all__ = ["CONFIG_FILE", "Run", "done_line", "last_checkpoint", "resume_hint", "start_line", "write_hydra_record"]
 
 
 def start_line(cfg: DictConfig, device: Any, schedule: str, resumed_from: str | Path | None = None,
@@ -59,6 +60,75 @@ def done_line(headline: str, result: Mapping[str, Any]) -> str:
     """``done: <headline>  |  sparsity: <name> <value> ...  |  run dir: <run_dir>``: what a finished run logs."""
     scalars = "  ".join(f"{k.removeprefix('sparsity/')} {v:.4f}" for k, v in result.items() if k.startswith("sparsity/"))
     return f"done: {headline}  |  sparsity: {scalars or 'n/a'}  |  run dir: {result['run_dir']}"
+
+
+def write_hydra_record(run_dir: Path, cfg: DictConfig) -> list[Path]:
+    """``<run_dir>/.hydra/``: ``config.yaml`` (the job's config, interpolations kept), ``hydra.yaml`` and
+    ``overrides.yaml`` (the command line's overrides), as Hydra writes them when ``hydra.output_subdir`` is
+    set. lbc sets it to null (``train.yaml``): Hydra would write them before any check, so a refused run
+    would rewrite an existing run's record; :meth:`Run.begin` writes them, once the run is accepted.
+
+    Only for the directory Hydra made for this job (``hydra.runtime.output_dir``); nothing outside
+    ``lbc-train`` (a config composed in a test or a script has no job). Returns the files written.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return []
+        hydra_cfg = HydraConfig.instance().cfg
+        out = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None, throw_on_missing=False)
+        overrides = OmegaConf.select(hydra_cfg, "hydra.overrides.task", default=[], throw_on_missing=False)
+    except Exception:  # noqa: BLE001  (no Hydra job: nothing of Hydra's to record)
+        return []
+    if not isinstance(out, str) or os.path.realpath(out) != os.path.realpath(run_dir):
+        return []
+    folder = Path(run_dir) / rundir.HYDRA_DIR
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", overrides)):
+        text = OmegaConf.to_yaml(node)
+        atomic_write(folder / name, lambda tmp, text=text: tmp.write_text(text))
+        written.append(folder / name)
+    return written
+
+
+def last_checkpoint(run_dir: str | Path) -> tuple[Path, str | None] | None:
+    """``<run_dir>/last.pt`` and what it holds in words (``epoch 3``, ``step 40``; None if unreadable), or
+    None when there is no such file. Cheap: the file is memory-mapped, no tensor is read."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        return None
+    try:
+        import torch
+
+        from lbc import io
+
+        with torch.serialization.safe_globals(list(getattr(io, "SAFE_GLOBALS", []))):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (a torn or foreign file: the resume says what is wrong with it)
+        return path, None
+    if not isinstance(ckpt, dict):
+        return path, None
+    epoch, step, inside = ckpt.get("epoch"), ckpt.get("step"), ckpt.get("epoch_step")
+    if "hf_config" in ckpt and isinstance(step, int):  # a language model's: counted in steps
+        return path, f"step {step}"
+    if isinstance(epoch, int):
+        part = f" and {inside} step(s) of epoch {epoch + 1}" if isinstance(inside, int) and inside > 0 else ""
+        return path, f"epoch {epoch}{part}"
+    return path, f"step {step}" if isinstance(step, int) else None
+
+
+def resume_hint(run_dir: str | Path | None) -> str:
+    """How to go on after a run was stopped from outside (a rank killed, a collective timed out): the
+    checkpoint ``run_dir`` holds (:func:`last_checkpoint`) and the command that continues from it."""
+    if run_dir is None:
+        return "no run directory was claimed yet: run the same command again"
+    found = last_checkpoint(run_dir)
+    if found is None:
+        return f"no checkpoint was written in {run_dir}: the same command with run_dir={run_dir} starts over"
+    path, holds = found
+    return f"resume: the same command with run_dir={run_dir} continues from {path}" + (f" ({holds})" if holds else "")
 
 
 class Run:
@@ -85,22 +155,29 @@ class Run:
         run_dir = Path(rundir.share(str(cfg.run_dir)))
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
-        return cls(cfg, run_dir, rundir.claim(run_dir))
+        run = cls(cfg, run_dir, rundir.claim(run_dir))
+        distributed.note_run_dir(run_dir)  # under lbc-torchrun: for the launcher's resume hint
+        return run
 
     def begin(self, device: Any, schedule: str, *, resumed_from: str | Path | None = None,
               resumed_epoch: int | None = 0, resumed_step: int | None = None, resumed_epoch_step: int = 0,
               tensorboard: bool = False) -> None:
-        """The run begins (rank 0 writes): ``config.yaml`` (resolved), the metrics record opened with the
+        """The run begins (rank 0 writes): ``config.yaml`` (resolved), Hydra's ``.hydra/`` record
+        (:func:`write_hydra_record`), ``train.log`` opened (:func:`~lbc.run.rundir.open_run_log`; nothing of
+        this run is in the directory before this point), the metrics record opened with the
         records after ``resumed_epoch`` dropped (written after the checkpoint resumed from; None: unknown,
         keep them; ``resumed_step``: by step instead, for checkpoints inside an epoch, ``resumed_epoch_step`` steps
         into the next epoch), the start line.
         ``tensorboard``: the record writes TensorBoard events too."""
         self.record = MetricsRecord(self.run_dir, enabled=self.is_main, tensorboard=tensorboard)
         if not self.is_main:
+            rundir.drop_run_log()  # rank 0 alone writes train.log
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = OmegaConf.to_yaml(self.cfg, resolve=True)
         atomic_write(self.run_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+        write_hydra_record(self.run_dir, self.cfg)
+        rundir.open_run_log(self.run_dir)  # train.log: the records since start-up, then the run's
         if resumed_step is not None:
             self.record.truncate_after(None, step=resumed_step)
         elif resumed_epoch is not None:

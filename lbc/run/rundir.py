@@ -14,13 +14,21 @@ Works on local file systems and on NFS (Linux emulates ``flock`` with NFS byte-r
 
 Under ``torchrun`` the ranks first agree on rank 0's ``run_dir`` (:func:`share`); only rank 0 takes the
 lock, the other ranks learn its verdict (:func:`claim` does both), so a refused run stops on every rank.
+
+Nothing is written into a run directory before its lock is held and the run accepted: Hydra's own
+record (``.hydra/``) is off (``hydra.output_subdir: null`` in train.yaml) and written by
+:meth:`lbc.run.lifecycle.Run.begin` instead, and ``train.log`` is a :class:`RunLog`, which keeps the
+records in memory until the run begins. A refused second run (a bad value, a refused resume, a
+directory another run holds) leaves an existing run's files byte for byte as they were.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -32,9 +40,11 @@ from typing import Any
 from lbc.errors import ConfigError
 
 LOCK_NAME = ".lock"
-# What Hydra writes into its output directory before our code runs, and our lock file: a directory
-# holding nothing else has no run in it (see remove_if_unused).
-BOOKKEEPING = frozenset({".hydra", "train.log", LOCK_NAME})
+HYDRA_DIR = ".hydra"  # Hydra's record of a job (config.yaml, hydra.yaml, overrides.yaml), written by Run.begin
+LOG_NAME = "train.log"  # the run's log (RunLog, Hydra's job logging: lbc/configs/hydra/job_logging/lbc.yaml)
+# Hydra's record, the log and our lock file: a directory holding nothing else has no run in it (see
+# remove_if_unused; .hydra/ and train.log are there only once a run began, or from older versions).
+BOOKKEEPING = frozenset({HYDRA_DIR, LOG_NAME, LOCK_NAME})
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 _HELD: weakref.WeakSet[RunDirLock] = weakref.WeakSet()
@@ -76,6 +86,7 @@ def check_usable(run_dir: str | os.PathLike[str], key: str = "run_dir") -> Path:
     own = "use a directory of its own, e.g. run_dir=outputs/my_run"
     if text.strip() in ("", "."):
         raise _refuse(f"would put the run's files into the current directory ({Path.cwd()}); {own}")
+    _check_length(text, key)
     resolved = Path(os.path.realpath(os.path.abspath(text)))
     cwd = Path(os.path.realpath(Path.cwd()))
     if resolved == Path(resolved.anchor):
@@ -97,6 +108,129 @@ def check_usable(run_dir: str | os.PathLike[str], key: str = "run_dir") -> Path:
         what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
         raise _refuse(f"{what} (permission denied or a read-only file system); pick another run_dir")
     return path
+
+
+def short(text: str, keep: int = 60) -> str:
+    """``text``, or its start and its length when it is long (a message stays one readable line)."""
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
+
+
+def _check_length(text: str, key: str) -> None:
+    """Refuse a path the system cannot create: a component over ``NAME_MAX`` bytes, or an absolute path
+    of ``PATH_MAX`` bytes or more (the limits of the file system it would be made on, read with
+    ``os.pathconf``; 255 and 4096 on Linux). One ConfigError line naming ``key`` and the limit."""
+    absolute = os.path.abspath(text)
+    existing = next((p for p in [absolute, *map(str, Path(absolute).parents)] if os.path.isdir(p)), os.sep)
+    limits = {}
+    for name, fallback in (("PC_NAME_MAX", 255), ("PC_PATH_MAX", 4096)):
+        try:
+            limits[name] = os.pathconf(existing, name)
+        except (OSError, ValueError):
+            limits[name] = fallback
+    for part in Path(absolute).parts:
+        size = len(os.fsencode(part))
+        if size > limits["PC_NAME_MAX"]:
+            raise ConfigError(f"{key}={short(text)}: a folder name of {size} bytes ({short(part, 20)}) is over "
+                              f"the file system's limit of {limits['PC_NAME_MAX']} bytes per name (NAME_MAX); "
+                              "use shorter names")
+    size = len(os.fsencode(absolute))
+    if size >= limits["PC_PATH_MAX"]:
+        raise ConfigError(f"{key}={short(text)}: the path is {size} bytes long (as an absolute path), over the "
+                          f"system's limit of {limits['PC_PATH_MAX'] - 1} bytes (PATH_MAX); use a shorter run_dir")
+
+
+# --- the run's log: nothing in the run directory before the run begins ---------------------------
+
+
+class RunLog(logging.Handler):
+    """``<run_dir>/train.log`` (Hydra's job log, ``lbc/configs/hydra/job_logging/lbc.yaml``), opened only
+    when the run begins (:func:`open_run_log`, from :meth:`lbc.run.lifecycle.Run.begin`: the directory
+    locked, the config and any resume accepted). Until then the records wait in memory (the last
+    ``capacity``) and are written first; a run refused before it began writes nothing, so an existing
+    run's ``train.log`` stays byte for byte as it was. ``mode``/``encoding``: as ``logging.FileHandler``'s.
+    """
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = "utf-8", capacity: int = 10_000) -> None:
+        super().__init__()
+        self.filename = os.path.abspath(os.fspath(filename))
+        self.mode, self.encoding = mode, encoding
+        self._waiting: collections.deque[str] = collections.deque(maxlen=capacity)
+        self._file: logging.FileHandler | None = None
+        self._dropped = False
+
+    @property
+    def opened(self) -> bool:
+        return self._file is not None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is not None:
+            self._file.emit(record)
+        elif not self._dropped:
+            try:
+                self._waiting.append(self.format(record))
+            except Exception:  # noqa: BLE001  (logging's own rule: report it, never raise from a handler)
+                self.handleError(record)
+
+    def open(self) -> None:
+        """Open the file (appending, as Hydra's FileHandler did) and write the records that waited."""
+        with self._locked():
+            if self._file is not None or self._dropped:
+                return
+            file = logging.FileHandler(self.filename, self.mode, encoding=self.encoding)
+            file.setFormatter(self.formatter)
+            for line in self._waiting:
+                file.stream.write(line + file.terminator)
+            file.flush()
+            self._waiting.clear()
+            self._file = file
+
+    def drop(self) -> None:
+        """Never write (a rank other than 0: rank 0 alone keeps the run's log)."""
+        with self._locked():
+            self._dropped = True
+            self._waiting.clear()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._locked():
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._waiting.clear()
+        super().close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Any:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __repr__(self) -> str:
+        return f"RunLog({self.filename!r}, opened={self.opened})"
+
+
+def run_logs() -> list[RunLog]:
+    """The root logger's :class:`RunLog` handlers (Hydra's job logging puts one there)."""
+    return [h for h in logging.getLogger().handlers if isinstance(h, RunLog)]
+
+
+def open_run_log(run_dir: str | os.PathLike[str]) -> None:
+    """The run in ``run_dir`` began: open its log (each :class:`RunLog` whose file is in ``run_dir``)."""
+    here = os.path.realpath(os.fspath(run_dir))
+    for handler in run_logs():
+        if os.path.realpath(os.path.dirname(handler.filename)) == here:
+            handler.open()
+
+
+def drop_run_log() -> None:
+    """This process never writes the run's log (a rank other than 0)."""
+    for handler in run_logs():
+        handler.drop()
 
 
 # --- one run at a time --------------------------------------------------------------------------

@@ -9,12 +9,15 @@ function: the way a ``.pt`` file runs code when it is loaded) is refused before 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import pickletools
 import re
 import secrets
 import stat
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lbc.errors import ConfigError, first_line
+from lbc.errors import ConfigError, WriteError, first_line
 
 # The one allow-list of globals lbc's loading accepts beyond torch's weights-only defaults.
 # Empty on purpose: what our checkpoints hold (state dicts of the model, optimizer, timm's
@@ -32,6 +35,7 @@ from lbc.errors import ConfigError, first_line
 SAFE_GLOBALS: list[Any] = []
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def _unsafe_globals(path: Path, err: Exception) -> list[str]:
@@ -40,7 +44,8 @@ def _unsafe_globals(path: Path, err: Exception) -> list[str]:
         found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))  # torch.save's zip format
     except Exception:  # noqa: BLE001 (a bare pickle, the legacy format: scan it ourselves)
         found = _pickle_globals(path)
-    return found or _GLOBAL.findall(str(err))
+    found = found or _GLOBAL.findall(str(err))
+    return [name for name in found if _DOTTED.fullmatch(name)]  # text read as opcodes names no real global
 
 
 _STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
@@ -93,18 +98,22 @@ def _allowed() -> set[str]:
         return set()
 
 
-def read_pt(path: str | Path, key: str) -> Any:
+def read_pt(path: str | Path, key: str, safe_globals: list[Any] | None = None) -> Any:
     """``torch.load`` onto the CPU, weights only; a one-line ConfigError naming ``key`` if the file is
-    missing, unreadable, or needs pickled code (a global outside :data:`SAFE_GLOBALS`) to load.
+    missing, unreadable, or needs pickled code (a global outside :data:`SAFE_GLOBALS` and ``safe_globals``)
+    to load. A refused file's message names the globals it needs, never torch's advice to load it with
+    ``weights_only=False`` (that would run the file's code). torch's warnings about pickle protocols (a
+    bare pickle file) are not shown: the one line says what is wrong.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}={str(path)!r}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with warnings.catch_warnings(), torch.serialization.safe_globals([*SAFE_GLOBALS, *(safe_globals or [])]):
+            warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        needs = _unsafe_globals(path, err) if "weightsunpickler" in str(err).lower() else []
+        needs = _unsafe_globals(path, err)
         if needs:
             what = ", ".join(needs[:3]) + (f" and {len(needs) - 3} more" if len(needs) > 3 else "")
             raise ConfigError(
@@ -113,18 +122,25 @@ def read_pt(path: str | Path, key: str) -> Any:
             ) from None
         raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_unpickler_line(err)}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {first_line(err)}") from None
+        raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: {_unpickler_line(err)}") from None
     except (KeyError, IndexError, TypeError, AttributeError):  # text or random bytes read as a pickle stream
         raise ConfigError(f"{key}={str(path)!r} is not a readable checkpoint: not a torch save file") from None
+
+
+# The sentences torch puts around the unpickler's complaint: advice (weights_only=False runs the file's code),
+# not what is wrong with the file.
+_ADVICE = ("weights only load failed", "weights_only", "please file an issue", "check the documentation",
+           "do it only if", "torch.serialization.")
 
 
 def _unpickler_line(err: BaseException) -> str:
     """The weights-only unpickler's own complaint (``Unsupported operand 110``), not torch's advice around it."""
     text = str(err)
     if "WeightsUnpickler error:" in text:
-        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines()]
-        return next((line for line in rest if line), first_line(err))
-    return first_line(err)
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    useful = [line for line in lines if line and not any(a in line.lower() for a in _ADVICE)]
+    return useful[0] if useful else "torch's weights-only unpickler refused it"
 
 
 def load_model_weights(model: nn.Module, path: str | Path, key: str) -> None:
@@ -155,6 +171,13 @@ def load_model_weights(model: nn.Module, path: str | Path, key: str) -> None:
 V = TypeVar("V")
 
 
+# Why a write fails that is no bug of lbc's: a full disk, a quota, a read-only file system, no permission.
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.ENOTDIR: "a parent of it is a file, not a directory",
+                errno.EEXIST: "a parent of it is a file, not a directory"}
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` to a temp file beside ``path``, flushed to disk, then ``os.replace``: never half a file.
 
@@ -164,11 +187,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     ``open(path, "w")`` would give a new file, ``0o666 & ~umask``: the temp file is created with mode 0o666
     and the kernel applies the process umask (``tempfile.mkstemp``'s 0600 would make ``last.pt`` private to
     its writer on a shared cluster), and that mode is set again after ``write`` in case it replaced the file.
+
+    A write that fails for a reason of the storage (:data:`WRITE_ERRNOS`: disk full, quota, read-only, no
+    permission, a parent that is a file; or torch's zip writer reporting a failed write) is a one-line
+    :class:`~lbc.errors.WriteError` naming ``path`` and the reason; the temp file is removed and a previous
+    file at ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
         mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask, as the kernel made it: no umask() round trip
         os.close(fd)
         write(tmp)
@@ -177,10 +206,35 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # write() may have replaced the file (os.replace into tmp)
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        failure = _write_failure(err)
+        if failure is None:
+            raise
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise WriteError(f"cannot write {path}: {failure}; {kept} (free space or fix the permissions, then run "
+                         "the same command again)", getattr(err, "errno", None)) from None
     return path
+
+
+def storage_error(err: BaseException, path: str | Path) -> WriteError | None:
+    """The one-line WriteError for ``err`` raised while writing ``path`` (a folder or a file) by code other than
+    :func:`atomic_write` (a library's own save), when the storage is the cause; None for anything else."""
+    failure = _write_failure(err)
+    return None if failure is None else WriteError(f"cannot write {path}: {failure} (free space or fix the "
+                                                   "permissions, then run the same command again)",
+                                                   getattr(err, "errno", None))
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """The reason a write failed when it is the storage's (see :data:`WRITE_ERRNOS`), else None (a bug: re-raised)."""
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+        return f"{WRITE_ERRNOS[err.errno]} ({errno.errorcode[err.errno]})"
+    if isinstance(err, RuntimeError) and "write failed" in str(err).lower():  # torch.save's zip writer (ENOSPC)
+        return f"the write failed ({first_line(err)}): is the disk full?"
+    return None
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:

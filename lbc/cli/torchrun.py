@@ -16,6 +16,8 @@ report (a traceback and a table per rank):
   (:func:`lbc.run.distributed.timeout`) with the line naming it, exit status 1;
 - SIGTERM (or Ctrl-C) on a rank: every rank stops after the same step and saves what it can; the line is
   the run's stop line, exit status 143 (130), as for ``lbc-train``;
+- SIGUSR1 to the launcher (SLURM's ``--signal=USR1@<seconds>``): passed on to every rank, which stop after the
+  same step and write ``last.pt`` there (inside a SLURM job rank 0 requeues it); exit status 138;
 - any other failure (a crash with its traceback, printed by the rank) is reported by torchrun as usual.
 
 As torchrun does, ``OMP_NUM_THREADS`` is set to 1 for the ranks when it is unset and there is more than
@@ -184,6 +186,23 @@ def verdict(failures: Mapping[int, Any], folder: Path) -> tuple[str, int] | None
     return None
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (torchrun's ranks), from Linux's /proc; [] where it has none."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(x) for x in (task / "children").read_text().split()]
+    return found
+
+
+def _pass_to_ranks(signum: int, frame: Any) -> None:
+    """SIGUSR1 to the launcher goes on to every rank (torchrun would die of it and leave them running):
+    they stop after the same step, write last.pt there and, inside a SLURM job, requeue it."""
+    for pid in _children(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``lbc-torchrun`` console script (``-h``/``--help`` anywhere: what it is, nothing started)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -198,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in _AGENT_LOGGERS:
         logging.getLogger(name).addFilter(_Quiet())
     args = parse(argv)
+    signal.signal(signal.SIGUSR1, _pass_to_ranks)  # SLURM's --signal=USR1@<s>: the ranks save (and requeue)
     with tempfile.TemporaryDirectory(prefix="lbc-torchrun-") as folder:
         os.environ[REPORTS_ENV] = folder  # the ranks inherit it
         try:

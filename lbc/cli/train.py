@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from lbc.cli import help as cli_help
-from lbc.errors import ConfigError, DataError
+from lbc.errors import ConfigError, DataError, WriteError
 from lbc.run import rundir, signals
 
 if TYPE_CHECKING:
@@ -129,6 +129,8 @@ def run_job(cfg: DictConfig) -> None:
         signals.exit_process(e.exit_code)
     except FloatingPointError as e:  # diverged: nothing diverged was saved; say what the run dir holds
         fail(f"{e} ({diverged_hint(cfg)})", 1)
+    except WriteError as e:  # a full disk (quota, read-only) while saving: the previous file is intact
+        fail(str(e), 1)
     except (ConfigError, DataError, OmegaConfBaseException, KeyboardInterrupt) as e:
         rundir.remove_if_unused(out)  # a run that failed at start-up leaves no folder with only .hydra/ in it
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM before training started (the loop stops gracefully)

@@ -112,7 +112,7 @@ class GracefulStop:
         import torch
 
         if self._group is None:  # a CPU group for the flag: no CUDA sync in the training step
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._group = _cpu_group()
         flag = torch.tensor([1 if self.requested is not None else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if flag.item() and self.requested is None:  # another rank got it first: stop as it does
@@ -130,7 +130,7 @@ class GracefulStop:
         import torch
 
         if self._group is None:
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._group = _cpu_group()
         value = torch.tensor([int(flag)], dtype=torch.int32)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._group)
         return bool(value.item())
@@ -141,6 +141,16 @@ class GracefulStop:
 
     def __repr__(self) -> str:
         return f"GracefulStop(requested={self.requested!r})"
+
+
+def _cpu_group() -> Any:
+    """A gloo group for the stop flag (the world group under gloo), bounded by ``LBC_DIST_TIMEOUT`` as the
+    world group is (:func:`lbc.run.distributed.timeout`; a new group would wait torch's 30 minutes)."""
+    import torch.distributed as dist
+
+    from lbc.run.distributed import timeout
+
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout())
 
 
 AGREE_EVERY = 8  # under torchrun, steps between two all-reduces of the stop flag (a CPU round trip each)

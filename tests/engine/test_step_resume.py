@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,11 +80,24 @@ def test_a_crash_inside_an_epoch_resumes_from_the_last_step_checkpoint_bit_exact
     assert records(tmp_path / "crashed") == records(tmp_path / "straight")  # train loss of the split epoch too
 
 
+SIGNAL_RUN = [*STEPS, *LBC_STEP, "trainer.checkpoint_every=null"]
+
+
+@pytest.fixture(scope="module")
+def straight_signal_run(tmp_path_factory):
+    """The uninterrupted run the signal tests compare with (one for all three signals)."""
+    from tests.helpers import compose_config
+
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    trainer.run(compose_config([*TINY, f"run_dir={run_dir}", *SIGNAL_RUN]))
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGUSR1"])
-def test_a_signal_saves_at_the_current_step_and_the_resume_is_bit_exact(make_config, tmp_path, monkeypatch, name):
-    over = [*STEPS, *LBC_STEP, "trainer.checkpoint_every=null"]
-    trainer.run(make_config(*over, run_dir=tmp_path / "straight"))
+def test_a_signal_saves_at_the_current_step_and_the_resume_is_bit_exact(make_config, tmp_path, monkeypatch, name,
+                                                                        straight_signal_run):
+    over = SIGNAL_RUN
     signum = getattr(signal, name)
     interrupt_at(monkeypatch, epoch=1, step=4, action=lambda: os.kill(os.getpid(), signum))
     with pytest.raises(Stopped) as stop:
@@ -92,9 +108,8 @@ def test_a_signal_saves_at_the_current_step_and_the_resume_is_bit_exact(make_con
     assert (written["epoch"], written["epoch_step"]) == (1, 4)  # nothing of the epoch dropped
     monkeypatch.undo()
     trainer.run(make_config(*over, run_dir=tmp_path / "stopped"))
-    assert_same_state(checkpoint.load(tmp_path / "straight" / "last.pt"),
-                      checkpoint.load(tmp_path / "stopped" / "last.pt"))
-    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+    assert_same_state(checkpoint.load(straight_signal_run / "last.pt"), checkpoint.load(tmp_path / "stopped" / "last.pt"))
+    assert records(tmp_path / "stopped") == records(straight_signal_run)
 
 
 def test_checkpoint_every_minutes_writes_inside_the_epoch(make_config, tmp_path, monkeypatch):
@@ -251,3 +266,34 @@ def test_a_kill_while_a_step_checkpoint_is_written_leaves_the_previous_one(tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     assert "removed" in again.stdout + again.stderr and not list((tmp_path / "run").glob(".*.tmp"))
     assert_same_state(checkpoint.load(tmp_path / "straight" / "last.pt"), checkpoint.load(tmp_path / "run" / "last.pt"))
+
+
+@pytest.mark.slow
+def test_sigusr1_to_lbc_torchrun_reaches_the_ranks_which_save_at_a_step(tmp_path):
+    """SLURM signals the launcher: lbc-torchrun passes SIGUSR1 on, both ranks stop after the same step and
+    write last.pt there; exit 138 with the run's stop line, and the same command resumes at that step."""
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(PYTHON).with_name("lbc-torchrun")), "--nproc_per_node=2", *TINY, "trainer.max_steps_per_epoch=40",
+           "schedule.epochs=3", "trainer.checkpoint_every=null", f"run_dir={run_dir}"]
+    env = {**ENV, "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "train.log").is_file() and "epochs x" in (run_dir / "train.log").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(2.0)  # a few steps into training
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 138, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"(?:error: )?stopped by SIGUSR1 at epoch (\d+) step (\d+); checkpoint written to \S+ .*", line)
+    assert m, line
+    saved = checkpoint.load(run_dir / "last.pt")
+    epoch, step = int(m[1]), int(m[2])
+    assert (saved["epoch"], saved["epoch_step"]) == ((epoch - 1, step) if step < 40 else (epoch, 0))
+    assert step % 8 == 0  # the ranks agree on a stop every 8 steps: both stopped there

@@ -62,6 +62,21 @@ def done_line(headline: str, result: Mapping[str, Any]) -> str:
     return f"done: {headline}  |  sparsity: {scalars or 'n/a'}  |  run dir: {result['run_dir']}"
 
 
+def run_dir_on_command_line() -> bool:
+    """Whether this ``lbc-train`` job's command named ``run_dir`` (True outside a Hydra job: a test or a
+    script passes its own config). Without it the same command makes a new timestamped run dir, so a
+    resume hint must name the directory."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return True
+        task = OmegaConf.select(HydraConfig.instance().cfg, "hydra.overrides.task", default=[]) or []
+    except Exception:  # noqa: BLE001
+        return True
+    return any(str(o).lstrip("+~").split("=", 1)[0] in ("run_dir", "hydra.run.dir") for o in task)
+
+
 def write_hydra_record(run_dir: Path, cfg: DictConfig) -> list[Path]:
     """``<run_dir>/.hydra/``: ``config.yaml`` (the job's config, interpolations kept), ``hydra.yaml`` and
     ``overrides.yaml`` (the command line's overrides), as Hydra writes them when ``hydra.output_subdir`` is
@@ -200,7 +215,8 @@ class Run:
         name = self.stop.requested or "SIGTERM"
         requeued = requeue(name) if written else None  # SIGUSR1 in a SLURM job: back in the queue, it resumes
         message = stop_message(name, epoch=epoch, step=step, written=written, checkpoint=checkpoint,
-                               checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume, requeued=requeued)
+                               checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume, requeued=requeued,
+                               run_dir_given=run_dir_on_command_line())
         if self.is_main:
             log.info("%s", message)
         self.record.close()

@@ -196,6 +196,7 @@ def stop_message(
     checkpoint_epoch: int = 0,
     explicit_resume: str | None = None,
     requeued: str | None = None,
+    run_dir_given: bool = True,
 ) -> str:
     """The one line a stopped run logs. ``epoch`` is 1-based, ``step`` the steps finished in it;
     ``written``: the checkpoint was written at this stop (after a whole epoch); else the partial
@@ -203,9 +204,12 @@ def stop_message(
     resume continues from. ``epoch=None``: a task counted in steps (``step``: the run's steps so far).
     ``explicit_resume``: the run's ``trainer.resume``, which the same
     command would read again instead of a newer ``checkpoint``. ``requeued``: the SLURM job that
-    :func:`requeue` put back in the queue (it resumes by itself)."""
+    :func:`requeue` put back in the queue (it resumes by itself). ``run_dir_given=False``: the command did
+    not name its run_dir (the default is a new timestamped folder per command), so the hint names it."""
     line = _stop_message(signal_name, epoch=epoch, step=step, written=written, checkpoint=checkpoint,
                          checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume)
+    if not run_dir_given and checkpoint is not None:
+        line = line.replace("run the same command again", f"run the same command with run_dir={Path(checkpoint).parent}")
     return f"{line}; SLURM job {requeued} requeued: it resumes when it starts again" if requeued else line
 
 

@@ -297,3 +297,12 @@ def test_sigusr1_to_lbc_torchrun_reaches_the_ranks_which_save_at_a_step(tmp_path
     epoch, step = int(m[1]), int(m[2])
     assert (saved["epoch"], saved["epoch_step"]) == ((epoch - 1, step) if step < 40 else (epoch, 0))
     assert step % 8 == 0  # the ranks agree on a stop every 8 steps: both stopped there
+
+
+def test_the_stop_line_names_the_run_dir_when_the_command_did_not():
+    from lbc.run.signals import stop_message
+
+    kw = dict(epoch=2, step=5, written=True, checkpoint="outputs/2026-12-01_10-00-00/last.pt")
+    assert stop_message("SIGTERM", **kw).endswith("(resume: run the same command again)")
+    assert stop_message("SIGTERM", **kw, run_dir_given=False).endswith(
+        "(resume: run the same command with run_dir=outputs/2026-12-01_10-00-00)")

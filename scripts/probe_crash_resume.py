@@ -110,7 +110,7 @@ def main() -> int:
             log = run_dir / "train.log"
             while proc.poll() is None and not (log.is_file() and "epochs x" in log.read_text()):
                 time.sleep(0.05)
-            delay = rng.uniform(0.0, max(0.5, train_seconds))
+            delay = rng.uniform(0.0, max(0.5, 0.8 * train_seconds))  # inside the epochs, not after the end
             time.sleep(delay)
             when = "in training"
         else:  # anywhere, start-up included

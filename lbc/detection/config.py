@@ -64,7 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 from lbc.config.resume import flatten_keys
 from lbc.errors import ConfigError
 
-__all__ = ["OWNED", "checkpoint_in", "flat_cfg_options", "mmdet_configs_dir", "resolve_mmdet_config", "to_mmengine"]
+__all__ = ["OWNED", "checkpoint_in", "class_names", "flat_cfg_options", "mmdet_configs_dir", "resolve_mmdet_config", "to_mmengine"]
 
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 SPLIT = {"train_dataloader": "train", "val_dataloader": "val", "test_dataloader": "val"}  # COCO: val2017 tests
@@ -192,6 +192,34 @@ def _check_cfg_options(flat: Mapping[str, Any]) -> None:
                               f"model.cfg_options: {key} is set by lbc {owner} and cannot be changed here")
 
 
+def runner_keys() -> frozenset[str]:
+    """The top-level config keys mmengine's Runner reads besides the base file's: the keywords of
+    ``Runner.__init__`` (which ``Runner.from_cfg`` fills from the config), plus those it reads with
+    ``self.cfg.get`` (mmengine 0.10: ``model_wrapper_cfg``, ``sync_bn``, ``find_unused_parameters``,
+    ``activation_checkpointing``, ``compile``)."""
+    import inspect
+
+    from mmengine.runner import Runner
+
+    direct = {"model_wrapper_cfg", "sync_bn", "find_unused_parameters", "activation_checkpointing", "compile"}
+    return frozenset(inspect.signature(Runner.__init__).parameters) - {"self", "cfg"} | direct
+
+
+def _check_top_level(flat: Mapping[str, Any], mm: Any, mmdet_config: str) -> None:
+    """Refuse a ``model.cfg_options`` key whose first part neither mmdet's file nor mmengine's Runner knows:
+    mmengine would keep it and never read it (a typo such as ``trian_cfg.val_interval`` is silently ignored)."""
+    import difflib
+
+    known = set(mm.keys()) | runner_keys()
+    for key in flat:
+        top = key.split(".")[0]
+        if top not in known:
+            close = difflib.get_close_matches(top, sorted(known), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"its top-level keys: {', '.join(sorted(mm.keys()))}"
+            raise ConfigError(f"model.cfg_options: {key}: {top} is not a top-level key of {mmdet_config} nor one "
+                              f"mmengine's Runner reads, so it would be ignored; {hint}")
+
+
 # --- helpers over the mmengine config -----------------------------------------------------------
 
 
@@ -223,7 +251,8 @@ def _num_classes_keys(node: Any, prefix: str) -> Iterator[str]:
             yield from _num_classes_keys(value, f"{prefix}{i}.")
 
 
-def _classes(typed_data: Any) -> list[str]:
+def class_names(typed_data: Any) -> list[str]:
+    """The classes the run trains: ``data.classes``, or mmdet's 80 COCO class names when it is null."""
     if typed_data.classes is not None:
         return list(typed_data.classes)
     from mmdet.datasets import CocoDataset
@@ -276,7 +305,7 @@ def owned_values(cfg: DictConfig, typed: Mapping[str, Any], mm: Any) -> dict[str
     (after ``model.cfg_options``); ``model.*`` keys are still mmdet's detector keys here."""
     data, model, trainer, schedule = typed["data"], typed["model"], typed["trainer"], typed["schedule"]
     root = data_root(data)
-    classes = _classes(data)
+    classes = class_names(data)
     scale = tuple(int(v) for v in data.image_scale)
     values: dict[str, Any] = {"work_dir": str(Path(str(cfg.run_dir)).absolute())}
 
@@ -384,6 +413,7 @@ def to_mmengine(cfg: DictConfig, typed: Mapping[str, Any]) -> Any:
     flat = flat_cfg_options(model.cfg_options or {})
     _check_cfg_options(flat)
     mm = Config.fromfile(str(resolve_mmdet_config(model.mmdet_config)))
+    _check_top_level(flat, mm, model.mmdet_config)
     if flat:
         try:
             mm.merge_from_dict(flat, allow_list_keys=True)

@@ -6,7 +6,7 @@ and the visualiser's backends write them), the end of each validation (one recor
 ``<work_dir>/metrics.jsonl``, the schema of :mod:`lbc.run.records`, and its progress line
 ``epoch 3/6: loss 1.2345  bbox_mAP 0.015  ...`` built from it by the formatter every lbc task uses), saving and
 loading a checkpoint (the schedule's bookkeeping and the RNG states travel with it, so a resumed run continues
-exactly), and the end of training (the method's final promise is checked).
+exactly), and the end of training (the method's final promise is checked, on the model the last checkpoint holds).
 """
 
 from __future__ import annotations
@@ -88,18 +88,20 @@ class SparsityHook(Hook):
         self._changed = False
 
     def after_train(self, runner: Any) -> None:
-        """Advance to the final epoch, check the method's promise (``finalize``) and log a one-line summary."""
+        """Check the method's promise (``finalize``) and log a one-line summary.
+
+        The schedule is not advanced past the last iteration's update (``epochs - 1 / iterations per epoch``,
+        as classification's loop leaves it): the model in memory stays the one the last checkpoint and the
+        last validation hold, so the figures reported at the end are theirs. A schedule that has not ended
+        (``t_f`` at or past the epochs trained) is the method's ``finalize`` warning (LBC: "the model is not
+        N:M yet", on lbc's console) and shows as ``exact_nm 0``.
+        """
         sparsity = find_sparsity(runner.model)
-        before = _mask_versions(sparsity)
-        sparsity.update(runner.iter / len(runner.train_dataloader))
-        if _mask_versions(sparsity) != before:
-            runner.logger.warning("sparsity: the schedule removed candidates at the end of training (t_f at or "
-                                  "past the last epoch): the model in memory has the final masks, but the last "
-                                  "checkpoint and validation predate them; use a t_f below the epochs trained")
         sparsity.finalize()
         scalars = sparsity.report()["scalars"]
         figures = ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-        runner.logger.info(f"sparsity {sparsity.name} {sparsity.pattern} at epoch {sparsity.epoch:g}: {figures}")
+        trained = runner.iter / len(runner.train_dataloader)  # epochs trained (the schedule stands 1 iteration short)
+        runner.logger.info(f"sparsity {sparsity.name} {sparsity.pattern} at epoch {trained:g}: {figures}")
 
     # --- validation ---------------------------------------------------------------------------
     def before_val(self, runner: Any) -> None:

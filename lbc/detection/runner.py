@@ -11,8 +11,10 @@ It ends with one line ``done: bbox mAP ... | sparsity: ... | run dir: ...``.
 
 Running the same command (the same run_dir) again resumes from the last checkpoint, after checking
 that the config changed only in ways a resume can honour. SIGTERM or a first Ctrl-C stop the run at
-the next iteration (after the current epoch's checkpoint is written, if the epoch just ended): a
-partial epoch is dropped, one line says what a resume continues from, and the exit status is 143/130.
+the next iteration: a partial epoch is dropped; at or after an epoch's last iteration its checkpoint is
+written and its validation (if due) finishes first, so its metrics.jsonl record is written once and the
+resume continues with the next epoch; during the last epoch the run finishes. One line says what a
+resume continues from, and the exit status is 143/130.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lbc import config as lbc_config
-from lbc.detection.config import checkpoint_in, data_root, resolve_mmdet_config, to_mmengine
-from lbc.detection.shapes import check_coco_root, make_shapes_coco
+from lbc.detection.config import checkpoint_in, class_names, data_root, resolve_mmdet_config, to_mmengine
+from lbc.detection.data import check_coco_data
+from lbc.detection.shapes import make_shapes_coco
 from lbc.errors import ConfigError
 from lbc.run import distributed
 from lbc.run.lifecycle import CONFIG_FILE, Run
@@ -46,9 +49,11 @@ METRICS = ("bbox_mAP", "segm_mAP")
 # --- before anything is built -------------------------------------------------------------------
 
 
-def prepare_data(data: Any) -> Path:
-    """The data root, checked (one line naming a missing root / annotation file / image folder); the
-    shapes set is generated there first when it is not (idempotent, locked: every rank may call it)."""
+def prepare_data(data: Any, masks: bool = False) -> Path:
+    """The data root, checked: its layout (a missing root / annotation file / image folder: ConfigError)
+    and its content (:func:`lbc.detection.data.check_coco_data`: DataError naming the file, image or
+    annotation id), one line each; ``masks``: the model predicts masks. The shapes set is generated
+    there first when it is not (idempotent, locked: every rank may call it)."""
     root = data_root(data)
     if hasattr(data, "train_images"):  # the generated shapes set
         try:
@@ -56,8 +61,18 @@ def prepare_data(data: Any) -> Path:
                              image_size=data.image_size, max_objects=data.max_objects, seed=data.seed)
         except OSError as e:
             raise ConfigError(f"data.root={root}: cannot write the shapes data set there: {e.strerror or e}") from None
-    check_coco_root(root)
+    check_coco_data(root, class_names(data), masks=masks)
     return root
+
+
+def _predicts_masks(mm: Any) -> bool:
+    """The built config evaluates masks (``segm`` among CocoMetric's metrics: Mask R-CNN)."""
+    evaluators = mm.get("val_evaluator") or []
+    for evaluator in [evaluators] if isinstance(evaluators, Mapping) else evaluators:
+        metric = evaluator.get("metric", ())
+        if "segm" in ([metric] if isinstance(metric, str) else list(metric)):
+            return True
+    return False
 
 
 def _select_device(trainer: Any) -> Any:
@@ -94,11 +109,19 @@ def _check_resume(run_dir: Path, cfg: DictConfig) -> Path | None:
     """The checkpoint this run resumes from (None: a fresh start), after refusing in one line a config
     change a resume cannot honour (the run dir's config.yaml against this run's; each key's rule is
     declared beside its field in lbc/config/detection.py)."""
-    ckpt = checkpoint_in(run_dir)
     saved_file = run_dir / CONFIG_FILE
-    if ckpt is None or not saved_file.is_file():
+    saved = OmegaConf.load(saved_file) if saved_file.is_file() else None
+    task = OmegaConf.select(saved, "task.name", default="classification") if saved is not None else None
+    if task is not None and task != "detection":  # its checkpoint (last.pt) is not mmengine's; its records would go
+        raise ConfigError(f"run_dir={run_dir} holds a task={task} run ({saved_file}); a detection run cannot "
+                          "resume it or share its folder: use another run_dir")
+    ckpt = checkpoint_in(run_dir)
+    if ckpt is not None and _epoch_of(ckpt) is None and not re.fullmatch(r"iter_\d+\.pth", ckpt.name):
+        raise ConfigError(f"run_dir={run_dir}: last_checkpoint names {ckpt}, which is not a checkpoint mmengine "
+                          "wrote (epoch_<n>.pth); a detection run resumes only its own: use another run_dir")
+    if ckpt is None or saved is None:
         return ckpt
-    check_resume(OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False), cfg, key="run_dir", path=ckpt)
+    check_resume(OmegaConf.to_container(saved, resolve=False), cfg, key="run_dir", path=ckpt)
     return ckpt
 
 
@@ -114,8 +137,15 @@ class _Stop(Exception):
 
 
 def _control_hook(run: Run) -> Any:
-    """A hook (lowest priority: after the checkpoint hook) that stops on a signal between iterations,
-    marks the run started after its first iteration, and keeps the last validation's metrics."""
+    """A hook (lowest priority: after the checkpoint hook and SparsityHook) that stops on a signal between
+    iterations, marks the run started after its first iteration, and keeps the last validation's metrics.
+
+    A stop inside an epoch drops the partial epoch (the last checkpoint is the previous epoch's). A stop at
+    or after an epoch's last iteration (its checkpoint is then written) waits for that epoch's validation,
+    if one is due, so its record reaches ``metrics.jsonl`` before the run stops: the resume starts at the
+    next epoch and neither repeats nor loses that record. A stop during the last epoch's validation lets
+    the run finish, as classification's does.
+    """
     from mmengine.hooks import Hook
 
     stop = run.stop
@@ -126,14 +156,23 @@ def _control_hook(run: Run) -> Any:
         def __init__(self) -> None:
             self.looping = False  # the train loop began (a resume, if any, has loaded)
             self.metrics: dict[str, Any] | None = None
-            self._epoch_done = False
+            self._pending = False  # a whole epoch is done (and saved) and a stop was asked: stop after its validation
 
         def _asked(self, runner: Any, last: bool) -> bool:
             every = (runner.iter + 1) % AGREE_EVERY == 0  # under torchrun: ask the other ranks now and then
             return stop.agreed(communicate=every or last)
 
+        def _stop_between_epochs(self, runner: Any) -> None:
+            """After epoch ``runner.epoch`` (completed, saved, validated if due): stop unless it was the last."""
+            if runner.epoch < runner.max_epochs:
+                raise _Stop(runner.epoch, len(runner.train_dataloader), written=True)
+
         def before_train(self, runner: Any) -> None:
             self.looping = True
+
+        def before_train_epoch(self, runner: Any) -> None:
+            if self._pending:  # no validation was due after the epoch the stop came in
+                self._stop_between_epochs(runner)
 
         def after_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
             run.started = True
@@ -141,18 +180,19 @@ def _control_hook(run: Run) -> Any:
             if self._asked(runner, last):
                 if not last:
                     raise _Stop(runner.epoch + 1, batch_idx + 1, written=False)
-                self._epoch_done = True  # the epoch is whole: let the checkpoint hook save it first
+                self._pending = True  # the epoch is whole: let the checkpoint hook save it, then validate
 
         def after_train_epoch(self, runner: Any) -> None:
-            if self._epoch_done or stop.agreed():
-                raise _Stop(runner.epoch + 1, len(runner.train_dataloader), written=True)
-
-        def after_val_iter(self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
-            if self._asked(runner, False):  # the epoch's checkpoint was written before validation
-                raise _Stop(runner.epoch, len(runner.train_dataloader), written=True)
+            self._pending = self._pending or stop.agreed()
 
         def after_val_epoch(self, runner: Any, metrics: dict[str, Any] | None = None) -> None:
             self.metrics = dict(metrics or {})
+
+        def after_val(self, runner: Any) -> None:
+            """After SparsityHook wrote the epoch's record (and restored the RNG states): stop if asked."""
+            if self._pending or stop.agreed():
+                self._stop_between_epochs(runner)
+            self._pending = False
 
     return _Control()
 
@@ -223,7 +263,7 @@ def _train(run: Run, typed: Mapping[str, Any], device: str) -> dict[str, Any]:
     cfg, run_dir = run.cfg, run.run_dir
     _check_inputs(typed)
     mm = to_mmengine(cfg, typed)  # model.cfg_options and the groups' values checked before any data is written
-    prepare_data(typed["data"])
+    prepare_data(typed["data"], masks=_predicts_masks(mm))
     resume_from = _check_resume(run_dir, cfg)
     run.begin(device, f"{cfg.schedule.epochs} epochs", resumed_from=resume_from,
               resumed_epoch=_epoch_of(resume_from) if resume_from else 0)

@@ -274,30 +274,53 @@ def check_coco_root(root: str | os.PathLike[str], splits: Sequence[str] = SPLITS
 
     Checked before MMDetection starts, whose own errors for a bad root are long and late.
     """
+    check_root_dir(root)
+    for split in splits:
+        load_coco_split(root, split)
+
+
+def check_root_dir(root: str | os.PathLike[str]) -> None:
+    """Raise ConfigError (one line) unless ``root`` is a directory."""
     root = Path(root)
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a directory"
         raise ConfigError(f"COCO root {root} {what}: expected a directory with annotations/instances_<split>2017.json "
                           "and <split>2017/ image folders")
-    for split in splits:
-        annotation = root / "annotations" / f"instances_{split}2017.json"
-        if not annotation.is_file():
-            raise ConfigError(f"{annotation} is missing: expected the COCO {split} annotation file there")
-        try:
-            data = json.loads(annotation.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{annotation} cannot be read as text: {' '.join(str(err).split())}") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{annotation} is not valid JSON ({err.msg} at line {err.lineno} "
-                              f"column {err.colno})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{annotation} is not a COCO annotation file: expected a JSON object at the top")
-        missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
-        if missing:
-            raise ConfigError(f"{annotation} is not a COCO annotation file: it lacks the list(s) {', '.join(missing)}")
-        images = root / f"{split}2017"
-        if not images.is_dir():
-            raise ConfigError(f"{images} is missing: expected the folder of COCO {split} images there")
+
+
+def load_coco_split(root: str | os.PathLike[str], split: str) -> dict[str, Any]:
+    """The parsed ``annotations/instances_<split>2017.json`` of ``root``, after checking that it is a JSON
+    object with the lists images/annotations/categories and that the ``<split>2017/`` folder exists
+    (ConfigError, one line naming the path). Its content is checked by :func:`lbc.detection.data.check_coco_split`."""
+    root = Path(root)
+    annotation = root / "annotations" / f"instances_{split}2017.json"
+    check_split_paths(root, split, folder=False)
+    try:
+        data = json.loads(annotation.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{annotation} cannot be read as text: {' '.join(str(err).split())}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{annotation} is not valid JSON ({err.msg} at line {err.lineno} "
+                          f"column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{annotation} is not a COCO annotation file: expected a JSON object at the top")
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if missing:
+        raise ConfigError(f"{annotation} is not a COCO annotation file: it lacks the list(s) {', '.join(missing)}")
+    check_split_paths(root, split)
+    return data
+
+
+def check_split_paths(root: str | os.PathLike[str], split: str, folder: bool = True) -> None:
+    """Raise ConfigError (one line naming the path) unless ``split``'s annotation file (and, with ``folder``,
+    its image folder) exist: cheap, nothing is read."""
+    root = Path(root)
+    annotation = root / "annotations" / f"instances_{split}2017.json"
+    if not annotation.is_file():
+        raise ConfigError(f"{annotation} is missing: expected the COCO {split} annotation file there")
+    images = root / f"{split}2017"
+    if folder and not images.is_dir():
+        raise ConfigError(f"{images} is missing: expected the folder of COCO {split} images there")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ mask is N:M from the first step, as in the SR-STE paper.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from lbc.sparsity.options import SparsityOptions
 from lbc.sparsity.registry import METHODS
 from lbc.sparsity.schedule import removed_total
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class SRSTEOptions(SparsityOptions):
@@ -169,5 +171,11 @@ class SRSTE(SparsityMethod):
         return (density + 2.0) / 3.0
 
     def finalize(self) -> None:
+        """Raise if the (gradual) schedule has ended but the model is not N:M; warn, as LBC does, when training
+        ended before the gradual schedule's end (t_f beyond the epochs: the model is not N:M yet)."""
+        if self.gradual and self.kept_per_group(self.epoch) > self.pattern.n:
+            log.warning("srste: training ended at epoch %.2f, before the schedule's end (t_f=%g): the model is "
+                        "not N:M yet", self.epoch, self.t_f)
+            return
         if not self.is_exact_nm():
             raise RuntimeError(f"srste: the model is not exactly {self.pattern}")

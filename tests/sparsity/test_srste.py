@@ -163,3 +163,16 @@ def test_deepcopy_state_dict_round_trip_and_inference_mode():
     sp2.load_state_dict(sp.state_dict())
     for (key, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
+
+
+def test_training_that_ends_before_the_gradual_schedule_warns_instead_of_raising(caplog):
+    """t_f beyond the epochs (a short run of a long recipe): not N:M yet is a warning, as LBC's, not a traceback."""
+    import logging
+
+    sp = lbc.sparsify(nn.Linear(16, 4), method="srste", pattern="2:4", exclude=[], t_i=0, t_f=5)
+    sp.update(1.0)
+    with caplog.at_level(logging.WARNING, logger="lbc"):
+        sp.finalize()
+    assert any("before the schedule's end (t_f=5)" in r.getMessage() for r in caplog.records)
+    sp.update(5.0)
+    sp.finalize()  # exact 2:4 at t_f

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import logging
 import os
@@ -92,22 +91,18 @@ def parse(argv: list[str]) -> Any:
     from torch.distributed.run import (
         config_from_args,
         determine_local_world_size,
-        parse_args,
+        get_args_parser,
         parse_min_max_nnodes,
     )
 
     options, overrides = split_argv(argv)
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = parse_args([*options, "-m", "lbc.cli.train", *overrides])
-    except SystemExit as e:
-        said = [line for line in err.getvalue().splitlines() if line.strip()]
-        if e.code in (0, None):
-            print("\n".join(said), file=sys.stderr)
-            raise
-        last = said[-1] if said else "bad torchrun options"
-        _fail(f"{last.split(': error: ', 1)[-1]} (see torchrun --help)", 2)
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:  # argparse's error(): usage and exit 2, here one line
+        _fail(f"{message} (see torchrun --help)", 2)
+
+    parser.error = refuse  # type: ignore[method-assign]
+    args = parser.parse_args([*options, "-m", "lbc.cli.train", *overrides])
     try:
         nproc = determine_local_world_size(args.nproc_per_node)
     except ValueError as e:

@@ -207,7 +207,7 @@ def test_classification_preset_builds(preset, imagenet_root, tmp_path, caplog):
         if method != "dense":
             assert t.sparsity.report()["scalars"]["density"] <= 1
         if cfg.model.name.startswith("deit"):
-            assert t.mixup is not None and isinstance(t.train_loader.sampler, RepeatAugSampler)
+            assert t.mixup is not None and isinstance(t.train_loader.order, RepeatAugSampler)
             assert (t.ema is not None) == cfg.trainer.ema
     finally:
         t.release()

@@ -193,13 +193,16 @@ _job_dirs: list[str] = []  # Hydra's output directories of this process's jobs (
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM outside the training loop (start-up): handled like a Ctrl-C there, with its own exit status."""
+    """SIGTERM or SIGUSR1 outside the training loop (start-up): handled like a Ctrl-C there, with its own
+    exit status (128 + the signal)."""
 
-    signal_name, exit_code = "SIGTERM", 128 + signal.SIGTERM
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signal_name, self.exit_code = signal.Signals(signum).name, 128 + signum
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
+    raise _Terminated(signum)
 
 
 def _interrupted(err: KeyboardInterrupt) -> None:
@@ -240,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as e:  # a run_dir the system cannot look at (a symlink loop, ...)
         fail(f"run_dir={rundir.short(os.fsdecode(e.filename or ''))}: {e.strerror or e}; pick another run_dir")
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # the loop has its own
+    early = (signal.SIGTERM, signal.SIGUSR1)  # before the loop's own handlers (SLURM's USR1 would kill)
+    previous = {s: signal.signal(s, _raise_terminated) for s in early} if main_thread else {}
     raising = _HydraRaises()
 
     def task(cfg: DictConfig) -> None:
@@ -265,8 +269,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             rundir.remove_if_unused(out)
         _interrupted(e)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     distributed.shutdown()  # under torchrun: leave the group and os._exit(0) (gloo can abort at exit)
 
 

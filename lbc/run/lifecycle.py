@@ -62,16 +62,20 @@ def done_line(headline: str, result: Mapping[str, Any]) -> str:
     return f"done: {headline}  |  sparsity: {scalars or 'n/a'}  |  run dir: {result['run_dir']}"
 
 
-def run_dir_on_command_line() -> bool:
-    """Whether this ``lbc-train`` job's command named ``run_dir`` (True outside a Hydra job: a test or a
-    script passes its own config). Without it the same command makes a new timestamped run dir, so a
-    resume hint must name the directory."""
+def run_dir_on_command_line(run_dir: str | Path) -> bool:
+    """Whether the ``lbc-train`` job that made ``run_dir`` named it on its command line (True outside such a
+    job: a test or a script passes its own config). Without it the same command makes a new timestamped
+    run dir, so a resume hint must name the directory."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         if not HydraConfig.initialized():
             return True
-        task = OmegaConf.select(HydraConfig.instance().cfg, "hydra.overrides.task", default=[]) or []
+        hydra_cfg = HydraConfig.instance().cfg
+        out = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir", default=None, throw_on_missing=False)
+        if not isinstance(out, str) or os.path.realpath(out) != os.path.realpath(run_dir):
+            return True  # another job's Hydra state (in-process callers): not this run's command
+        task = OmegaConf.select(hydra_cfg, "hydra.overrides.task", default=[]) or []
     except Exception:  # noqa: BLE001
         return True
     return any(str(o).lstrip("+~").split("=", 1)[0] in ("run_dir", "hydra.run.dir") for o in task)
@@ -216,7 +220,7 @@ class Run:
         requeued = requeue(name) if written else None  # SIGUSR1 in a SLURM job: back in the queue, it resumes
         message = stop_message(name, epoch=epoch, step=step, written=written, checkpoint=checkpoint,
                                checkpoint_epoch=checkpoint_epoch, explicit_resume=explicit_resume, requeued=requeued,
-                               run_dir_given=run_dir_on_command_line())
+                               run_dir_given=run_dir_on_command_line(self.run_dir))
         if self.is_main:
             log.info("%s", message)
         self.record.close()

@@ -22,7 +22,6 @@ model's features and predictions on a fixed image (else a RuntimeError: a bug).
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from torch import nn
 
 from lbc.errors import ConfigError, first_line
 from lbc.export.check import LayerCheck, check_layer, require_same_keys
-from lbc.export.fold import Say, load_state, silent
+from lbc.export.fold import Say, layers_report, load_state, silent
 from lbc.export.write import _out_dir, report_json
 from lbc.io import atomic_write, read_pt
 from lbc.sparsity.nm import NMPattern, eligibility
@@ -164,19 +163,7 @@ class DetectionFolded:
 
     def report(self) -> dict[str, Any]:
         """report.json: the run it came from, totals and one entry per Conv2d/Linear layer."""
-        required = [c for c in self.layers if c.required]
-        sizes = {c.name: math.prod(c.shape) for c in self.layers}
-        nonzero = sum(round(c.density * sizes[c.name]) for c in self.layers)
-        return {
-            "task": "detection",
-            **self.meta,
-            "pattern": str(self.pattern),
-            "nm": bool(required) and all(c.nm for c in required),
-            "exact_nm": bool(required) and all(c.exact_nm for c in required),
-            "nm_layers": len(required),
-            "density": nonzero / max(1, sum(sizes.values())),
-            "layers": [c.row(self.pattern) for c in self.layers],
-        }
+        return layers_report(self.pattern, self.layers, {"task": "detection", **self.meta})
 
 
 def verification_batch(model: nn.Module, size: int = VERIFY_SIZE) -> dict[str, Any]:

@@ -127,18 +127,24 @@ class Folded:
 
     def report(self) -> dict[str, Any]:
         """report.json: the run it came from, totals and one entry per Conv2d/Linear layer."""
-        required = [c for c in self.layers if c.required]
-        sizes = {c.name: math.prod(c.shape) for c in self.layers}
-        nonzero = sum(round(c.density * sizes[c.name]) for c in self.layers)
-        return {
-            **self.meta,
-            "pattern": str(self.pattern),
-            "nm": bool(required) and all(c.nm for c in required),
-            "exact_nm": bool(required) and all(c.exact_nm for c in required),
-            "nm_layers": len(required),
-            "density": nonzero / max(1, sum(sizes.values())),
-            "layers": [c.row(self.pattern) for c in self.layers],
-        }
+        return layers_report(self.pattern, self.layers, self.meta)
+
+
+def layers_report(pattern: NMPattern, layers: list[LayerCheck], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """report.json of any export (classification, detection): ``meta``, then the N:M verdict over the
+    layers that must hold it, the overall density and one entry per Conv2d/Linear layer."""
+    required = [c for c in layers if c.required]
+    sizes = {c.name: math.prod(c.shape) for c in layers}
+    nonzero = sum(round(c.density * sizes[c.name]) for c in layers)
+    return {
+        **meta,
+        "pattern": str(pattern),
+        "nm": bool(required) and all(c.nm for c in required),
+        "exact_nm": bool(required) and all(c.exact_nm for c in required),
+        "nm_layers": len(required),
+        "density": nonzero / max(1, sum(sizes.values())),
+        "layers": [c.row(pattern) for c in layers],
+    }
 
 
 def _verification_input(input_size: list[int] | None) -> torch.Tensor | None:

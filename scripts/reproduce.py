@@ -649,6 +649,41 @@ def write_row_json(run: Run) -> None:
     tmp.replace(run.run_dir / "row.json")
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
+class RowRecord:
+    """``row.json`` written for a run about to start, taken back if the trainer refused it: the trainer writes
+    ``config.yaml`` once it has accepted the config and holds the run dir (:meth:`lbc.run.lifecycle.Run.begin`),
+    so a run whose ``config.yaml`` was not rewritten never ran with these overrides, and ``row.json`` says
+    again what the run dir's last accepted start was (or is removed)."""
+
+    def __init__(self, run: Run) -> None:
+        self.path, self.config = run.run_dir / "row.json", run.run_dir / "config.yaml"
+        try:
+            self.previous: str | None = self.path.read_text()
+        except OSError:
+            self.previous = None
+        self.config_before = _stamp(self.config)
+        write_row_json(run)
+
+    def settle(self) -> None:
+        """After the trainer ended: keep the new ``row.json`` if it began, else put the previous one back."""
+        if _stamp(self.config) != self.config_before:
+            return
+        if self.previous is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            tmp = self.path.with_name("row.json.tmp")
+            tmp.write_text(self.previous)
+            tmp.replace(self.path)
+
+
 def launch(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Run ``runs`` one after another (torchrun or local); one line when each starts and ends."""
     tag = f"[{args.table}/{args.scale}]"
@@ -669,9 +704,8 @@ def launch(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) ->
             failed.append(run.name)
             print(f"{head}: failed: {problem}", flush=True)
             continue
-        if main_node:
-            write_row_json(run)
-        else:
+        record = RowRecord(run) if main_node else None
+        if record is None:
             run.run_dir.mkdir(parents=True, exist_ok=True)
         resume = f", resuming after epoch {done}" if state == "partial" else ""
         print(f"{head}: started{resume} ({run.run_dir})", flush=True)
@@ -680,6 +714,8 @@ def launch(runs: list[Run], args: argparse.Namespace, env: Mapping[str, str]) ->
             outcome = run_in_process(run, quiet)  # mmengine keeps global state: detection runs in a child
         else:
             outcome = run_child(command_for(run, args.launcher, env), run.run_dir, quiet)
+        if record is not None:
+            record.settle()
         took = f"{time.perf_counter() - t0:.0f} s"
         if outcome.code in (130, 143):
             print(f"{head}: stopped after {took} (exit {outcome.code}); run the same command again to resume",

@@ -13,6 +13,7 @@ from omegaconf import MISSING
 from lbc.batching import per_process_batch
 from lbc.config.resume import IGNORE, REFUSE, on_resume
 from lbc.errors import is_number, require
+from lbc.run.cadence import checkpoint_cadence
 
 __all__ = [
     "AdamWConfig", "AugmentConfig", "CosineConfig", "DataConfig", "DigitsConfig", "FolderConfig",
@@ -84,22 +85,6 @@ class CosineConfig:
 
 # --- trainer ----------------------------------------------------------------------------------
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-_MINUTES = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*min")
-
-
-def checkpoint_cadence(value: Any) -> tuple[int | None, float | None]:
-    """``trainer.checkpoint_every`` as (steps, minutes), at most one of them set: ``200`` is every 200
-    optimizer steps, ``"10min"`` every 10 minutes of training (``"0.5min"``: 30 s), null never inside an epoch."""
-    if value is None:
-        return None, None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value, None
-    match = _MINUTES.fullmatch(value.strip()) if isinstance(value, str) else None
-    if match and float(match.group(1)) > 0:
-        return None, float(match.group(1))
-    require(False, "trainer.checkpoint_every", value,
-            "use a number of steps (e.g. 200), minutes of training (e.g. 10min), or null (epoch ends only)")
-    raise AssertionError  # require raised
 
 
 @dataclass

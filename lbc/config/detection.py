@@ -10,6 +10,7 @@ from omegaconf import MISSING
 
 from lbc.config.resume import ALLOW, IGNORE, REFUSE, on_resume
 from lbc.errors import is_number, require
+from lbc.run.cadence import checkpoint_cadence
 
 __all__ = [
     "CocoDataConfig", "CocoShapesDataConfig", "DETECTION_PARTS", "DetectionTrainerConfig",
@@ -125,6 +126,9 @@ class DetectionTrainerConfig:
     val_interval: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_interval: int = on_resume(IGNORE, default=50)  # iterations between log lines / TensorBoard train scalars
     checkpoint_interval: int = 1  # epochs between checkpoints (epoch_<n>.pth; the last epoch is always saved)
+    # iter_<n>.pth inside an epoch too (the newest one only): every N iterations (an int), every N minutes of
+    # training ("10min"), or null (epoch ends only); a SIGTERM, SIGUSR1 or first Ctrl-C writes it at the current one
+    checkpoint_every: Any = on_resume(IGNORE, default="10min")
     max_keep_checkpoints: int | None = None  # keep the newest N epoch checkpoints; null = all (configs: 2)
     progress: bool = on_resume(IGNORE, default=True)  # mmengine's log lines on the console (run_dir/<time>/<time>.log keeps them anyway)
     deterministic: bool = False  # torch deterministic algorithms (mmengine randomness.deterministic)
@@ -132,6 +136,7 @@ class DetectionTrainerConfig:
 
     def __post_init__(self) -> None:
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device", self.device, "choose from: auto, cpu, cuda")
+        checkpoint_cadence(self.checkpoint_every)
         for key in ("val_interval", "log_interval", "checkpoint_interval"):
             require(getattr(self, key) >= 1, f"trainer.{key}", getattr(self, key), "use a positive integer")
         for key in ("max_keep_checkpoints", "auto_scale_lr"):

@@ -19,6 +19,8 @@ data.val_batch_size                             {val,test}_dataloader.batch_size
 data.num_workers                                {train,val,test}_dataloader.num_workers, .persistent_workers
 data.image_scale                                {train,val,test}_dataloader.dataset.pipeline.<Resize>.scale
 schedule.epochs                                 train_cfg.max_epochs
+(lbc)                                           train_cfg.type (ResumableEpochLoop: a resume continues inside an epoch)
+(lbc)                                           train_dataloader.batch_sampler (ResumableBatchSampler around mmdet's), .drop_last
 trainer.val_interval                            train_cfg.val_interval
 schedule.*, optim.lr                            param_scheduler (LinearLR warm-up, MultiStepLR)
 optim.*                                         optim_wrapper.optimizer (SGD or AdamW)
@@ -88,6 +90,8 @@ OWNED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data.num_workers", ("*_dataloader.num_workers", "*_dataloader.persistent_workers")),
     ("data.image_scale", ("*_dataloader.dataset.pipeline.*.scale",)),
     ("schedule.epochs", ("train_cfg.max_epochs",)),
+    ("(lbc)", ("train_cfg.type",)),
+    ("(lbc)", ("train_dataloader.batch_sampler", "train_dataloader.drop_last")),
     ("trainer.val_interval", ("train_cfg.val_interval",)),
     ("schedule.*, optim.lr", ("param_scheduler",)),
     ("optim.*", ("optim_wrapper.optimizer",)),
@@ -335,6 +339,14 @@ def owned_values(cfg: DictConfig, typed: Mapping[str, Any], mm: Any) -> dict[str
         values[key] = len(classes)
 
     values["train_cfg.max_epochs"] = int(schedule.epochs)
+    loop = mm.get("train_cfg", {}).get("type")
+    if loop not in ("EpochBasedTrainLoop", "ResumableEpochLoop"):
+        raise ConfigError(f"model.mmdet_config={model.mmdet_config} trains with train_cfg.type={loop}; lbc's detection "
+                          "runs are epoch-based (EpochBasedTrainLoop)")
+    values["train_cfg.type"] = "ResumableEpochLoop"  # lbc.detection.loop: a resume continues inside an epoch
+    if "train_dataloader" in mm:
+        values["train_dataloader.batch_sampler"] = _resumable_batch_sampler(mm["train_dataloader"])
+        values["train_dataloader.drop_last"] = DELETE  # the wrapped batch sampler's (a DataLoader takes one or the other)
     values["train_cfg.val_interval"] = int(trainer.val_interval)
     values["param_scheduler"] = _param_scheduler(schedule)
     values["optim_wrapper.optimizer"] = _optimizer(typed["optim"])
@@ -375,6 +387,18 @@ def owned_values(cfg: DictConfig, typed: Mapping[str, Any], mm: Any) -> dict[str
     values["resume"] = checkpoint_in(values["work_dir"]) is not None
     values["load_from"] = None
     return values
+
+
+def _resumable_batch_sampler(loader: Mapping[str, Any]) -> dict[str, Any]:
+    """``train_dataloader.batch_sampler`` as lbc's ResumableBatchSampler around mmdet's (None: torch's, with the
+    loader's ``drop_last``), so that a resume can skip the batches an epoch trained before its checkpoint."""
+    inner = loader.get("batch_sampler")
+    if isinstance(inner, Mapping) and inner.get("type") == "ResumableBatchSampler":
+        return dict(inner)
+    wrapped: dict[str, Any] = dict(type="ResumableBatchSampler", batch_sampler=dict(inner) if inner else None)
+    if not inner:
+        wrapped["drop_last"] = bool(loader.get("drop_last", False))
+    return wrapped
 
 
 def _set(mm: Any, dotted: str, value: Any) -> None:

@@ -29,6 +29,7 @@ __all__ = ["SparsityHook", "find_sparsity"]
 
 STATE_KEY = "lbc_sparsity"  # the method's schedule bookkeeping in an mmengine checkpoint
 RNG_KEY = "lbc_rng"  # torch / cuda / numpy / python RNG states at the moment the checkpoint was saved
+SINCE_KEY = "lbc_record_since"  # the next record's start: {"iter", "seconds" of training since then}
 
 
 def find_sparsity(model: Any) -> SparsityMethod:
@@ -64,12 +65,18 @@ class SparsityHook(Hook):
         self._changed = False  # the last update changed the masks: log the scalars now
         self._rng_before_val: dict[str, Any] | None = None
         self._since: tuple[int, float] | None = None  # (iteration, perf_counter) of the last record, or the start
+        self._resumed_since: tuple[int, float] | None = None  # (iteration, seconds) a checkpoint inside an epoch held
 
     # --- training -----------------------------------------------------------------------------
     def before_train(self, runner: Any) -> None:
-        """Start the clock of the first record (``train_loss`` and ``seconds`` count from here; after a resume,
-        from the resumed iteration)."""
-        self._since = (runner.iter, time.perf_counter())
+        """Start the clock of the first record: ``train_loss`` and ``seconds`` count from here (after a resume from
+        an epoch's checkpoint, from the resumed iteration; from one inside an epoch, from where that epoch's record
+        began, with its seconds so far: the split epoch's record is the uninterrupted one's)."""
+        if self._resumed_since is not None:
+            iteration, seconds = self._resumed_since
+            self._since, self._resumed_since = (iteration, time.perf_counter() - seconds), None
+        else:
+            self._since = (runner.iter, time.perf_counter())
 
     def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
         """Advance the method to the fractional epoch ``iter / iters per epoch`` (idempotent)."""
@@ -128,9 +135,12 @@ class SparsityHook(Hook):
 
     # --- checkpoints --------------------------------------------------------------------------
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        """Store the schedule's bookkeeping and the RNG states (tensors, numbers: weights-only loadable)."""
+        """Store the schedule's bookkeeping, the RNG states and the record's clock (tensors, numbers: weights-only
+        loadable)."""
         checkpoint[STATE_KEY] = find_sparsity(runner.model).state_dict()
         checkpoint[RNG_KEY] = rng_state()
+        if self._since is not None:
+            checkpoint[SINCE_KEY] = {"iter": self._since[0], "seconds": time.perf_counter() - self._since[1]}
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         """Restore the schedule's bookkeeping (masks and scores come with the model's state dict) and RNGs.
@@ -148,6 +158,9 @@ class SparsityHook(Hook):
             find_sparsity(runner.model).load_state_dict(checkpoint[STATE_KEY])
         if RNG_KEY in checkpoint:
             set_rng_state(checkpoint[RNG_KEY])
+        since = checkpoint.get(SINCE_KEY)
+        if isinstance(since, dict) and checkpoint.get("meta", {}).get("epoch_step"):  # written inside an epoch
+            self._resumed_since = (int(since["iter"]), float(since["seconds"]))
 
 
 def _train_figures(runner: Any, since: tuple[int, float] | None) -> dict[str, float]:

@@ -10,11 +10,14 @@ checkpoints to ``<run_dir>/epoch_<n>.pth`` (named by ``<run_dir>/last_checkpoint
 It ends with one line ``done: bbox mAP ... | sparsity: ... | run dir: ...``.
 
 Running the same command (the same run_dir) again resumes from the last checkpoint, after checking
-that the config changed only in ways a resume can honour. SIGTERM or a first Ctrl-C stop the run at
-the next iteration: a partial epoch is dropped; at or after an epoch's last iteration its checkpoint is
-written and its validation (if due) finishes first, so its metrics.jsonl record is written once and the
-resume continues with the next epoch; during the last epoch the run finishes. One line says what a
-resume continues from, and the exit status is 143/130.
+that the config changed only in ways a resume can honour. Inside an epoch, ``trainer.checkpoint_every`` (N
+iterations or minutes) writes ``iter_<n>.pth`` (the newest only, named by ``last_checkpoint``; an epoch's
+checkpoint replaces it), and a resume from it continues with the next batch (:mod:`lbc.detection.loop`).
+SIGTERM, SIGUSR1 or a first Ctrl-C stop the run at the next iteration: inside an epoch ``iter_<n>.pth`` is
+written there; at or after an epoch's last iteration its checkpoint is written and its validation (if due)
+finishes first, so its metrics.jsonl record is written once and the resume continues with the next epoch;
+during the last epoch the run finishes. One line says what a resume continues from, and the exit status
+is 143/138/130.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from lbc.detection.config import checkpoint_in, class_names, data_root, resolve_
 from lbc.detection.data import check_coco_data
 from lbc.detection.shapes import make_shapes_coco
 from lbc.errors import ConfigError
+from lbc.io import atomic_write
 from lbc.run import distributed
+from lbc.run.cadence import StepCheckpoints
 from lbc.run.lifecycle import CONFIG_FILE, Run
 from lbc.run.records import last_metrics, sparsity_scalars
 from lbc.run.resume import check_resume
@@ -136,19 +141,24 @@ class _Stop(Exception):
         self.epoch, self.step, self.written = epoch, step, written
 
 
-def _control_hook(run: Run) -> Any:
-    """A hook (lowest priority: after the checkpoint hook and SparsityHook) that stops on a signal between
-    iterations, marks the run started after its first iteration, and keeps the last validation's metrics.
+def _control_hook(run: Run, checkpoint_every: Any) -> Any:
+    """A hook (lowest priority: after the checkpoint hook and SparsityHook) that writes checkpoints inside an
+    epoch, stops on a signal between iterations, marks the run started after its first iteration, and keeps the
+    last validation's metrics.
 
-    A stop inside an epoch drops the partial epoch (the last checkpoint is the previous epoch's). A stop at
-    or after an epoch's last iteration (its checkpoint is then written) waits for that epoch's validation,
-    if one is due, so its record reaches ``metrics.jsonl`` before the run stops: the resume starts at the
-    next epoch and neither repeats nor loses that record. A stop during the last epoch's validation lets
-    the run finish, as classification's does.
+    Inside an epoch, every ``checkpoint_every`` (:class:`~lbc.run.cadence.StepCheckpoints`: N iterations, N
+    minutes, null) and at a stop, it writes ``iter_<n>.pth`` (every hook's state: SparsityHook's schedule, RNG
+    states and record clock), then points ``last_checkpoint`` at it and removes the previous one; an epoch's
+    checkpoint (mmengine's CheckpointHook) makes them obsolete. A stop at or after an epoch's last iteration
+    (its checkpoint is then written) waits for that epoch's validation, if one is due, so its record reaches
+    ``metrics.jsonl`` before the run stops: the resume starts at the next epoch and neither repeats nor loses
+    that record. A stop during the last epoch's validation lets the run finish, as classification's does.
     """
+    from mmengine.dist import is_main_process
     from mmengine.hooks import Hook
 
     stop = run.stop
+    cadence = StepCheckpoints(checkpoint_every, stop)
 
     class _Control(Hook):
         priority = "LOWEST"
@@ -169,6 +179,7 @@ def _control_hook(run: Run) -> Any:
 
         def before_train(self, runner: Any) -> None:
             self.looping = True
+            cadence.written()  # the clock of checkpoint_every=<N>min starts with the training
 
         def before_train_epoch(self, runner: Any) -> None:
             if self._pending:  # no validation was due after the epoch the stop came in
@@ -179,11 +190,20 @@ def _control_hook(run: Run) -> Any:
             last = batch_idx + 1 == len(runner.train_dataloader)
             if self._asked(runner, last):
                 if not last:
-                    raise _Stop(runner.epoch + 1, batch_idx + 1, written=False)
+                    _save_inside_epoch(runner, batch_idx + 1)
+                    raise _Stop(runner.epoch + 1, batch_idx + 1, written=True)
                 self._pending = True  # the epoch is whole: let the checkpoint hook save it, then validate
+            elif not last and cadence.due(runner.iter + 1):  # every rank asks: minutes are agreed under torchrun
+                _save_inside_epoch(runner, batch_idx + 1)
+                cadence.written()
 
         def after_train_epoch(self, runner: Any) -> None:
             self._pending = self._pending or stop.agreed()
+            ckpt = checkpoint_in(runner.work_dir)
+            if is_main_process() and ckpt is not None and not ckpt.name.startswith("iter_"):
+                _remove_iteration_checkpoints(Path(runner.work_dir))  # the epoch's checkpoint holds more
+            if ckpt is not None and ckpt.name.startswith("epoch_"):
+                cadence.written()
 
         def after_val_epoch(self, runner: Any, metrics: dict[str, Any] | None = None) -> None:
             self.metrics = dict(metrics or {})
@@ -197,6 +217,46 @@ def _control_hook(run: Run) -> Any:
     return _Control()
 
 
+def _save_inside_epoch(runner: Any, epoch_step: int) -> None:
+    """Write ``iter_<n>.pth`` (n: iterations completed; meta ``epoch``: epochs completed, ``epoch_step``: the
+    iterations of the current one) under a temporary name, rename it, point ``last_checkpoint`` at it and remove
+    the older ``iter_*.pth``: a kill at any moment leaves ``last_checkpoint`` naming a whole checkpoint."""
+    from mmengine.dist import is_main_process
+
+    work_dir = Path(runner.work_dir)
+    name = f"iter_{runner.iter + 1}.pth"
+    temporary = f".{name}.tmp"
+    runner.save_checkpoint(str(work_dir), temporary, by_epoch=False, meta=dict(epoch_step=epoch_step))  # rank 0 writes
+    if is_main_process():
+        os.replace(work_dir / temporary, work_dir / name)
+        atomic_write(work_dir / "last_checkpoint", lambda tmp: tmp.write_text(str(work_dir / name)))
+        _remove_iteration_checkpoints(work_dir, keep=name)
+
+
+def _remove_iteration_checkpoints(work_dir: Path, keep: str | None = None) -> None:
+    for old in work_dir.glob("iter_*.pth"):
+        if old.name != keep:
+            old.unlink(missing_ok=True)
+
+
+def _position_of(checkpoint: Path | None) -> tuple[int, int] | None:
+    """(epochs completed, iterations of the next epoch) a checkpoint holds: ``epoch_<n>.pth`` is (n, 0); an
+    ``iter_<n>.pth`` says it in its meta. None for another name, or a file whose meta cannot be read."""
+    epochs = _epoch_of(checkpoint)
+    if epochs is not None or checkpoint is None or not re.fullmatch(r"iter_\d+\.pth", checkpoint.name):
+        return None if epochs is None else (epochs, 0)
+    import torch
+
+    from lbc.detection.checkpoint import mmengine_safe_globals
+
+    try:
+        with mmengine_safe_globals():
+            meta = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("meta", {})
+        return int(meta["epoch"]), int(meta["epoch_step"])
+    except Exception:  # unreadable: the resume itself says why, in one line
+        return None
+
+
 def _epoch_of(checkpoint: Path | None) -> int | None:
     """The epochs a checkpoint ``epoch_<n>.pth`` holds (None for any other name)."""
     match = re.fullmatch(r"epoch_(\d+)\.pth", checkpoint.name) if checkpoint else None
@@ -205,9 +265,9 @@ def _epoch_of(checkpoint: Path | None) -> int | None:
 
 def _stopped(run: Run, err: _Stop) -> Stopped:
     ckpt = checkpoint_in(run.run_dir)
-    at = _epoch_of(ckpt) or 0
-    return run.stopped(epoch=err.epoch, step=err.step, written=err.written and at == err.epoch, checkpoint=ckpt,
-                       checkpoint_epoch=at)
+    at = _position_of(ckpt) or (0, 0)
+    written = err.written and at == ((err.epoch, 0) if err.step == 0 or at[1] == 0 else (err.epoch - 1, err.step))
+    return run.stopped(epoch=err.epoch, step=err.step, written=written, checkpoint=ckpt, checkpoint_epoch=at[0])
 
 
 class _Discard:
@@ -265,9 +325,10 @@ def _train(run: Run, typed: Mapping[str, Any], device: str) -> dict[str, Any]:
     mm = to_mmengine(cfg, typed)  # model.cfg_options and the groups' values checked before any data is written
     prepare_data(typed["data"], masks=_predicts_masks(mm))
     resume_from = _check_resume(run_dir, cfg)
+    position = _position_of(resume_from) if resume_from else (0, 0)
     run.begin(device, f"{cfg.schedule.epochs} epochs", resumed_from=resume_from,
-              resumed_epoch=_epoch_of(resume_from) if resume_from else 0)
-    control = _control_hook(run)
+              resumed_epoch=position[0] if position else None, resumed_epoch_step=position[1] if position else 0)
+    control = _control_hook(run, typed["trainer"].checkpoint_every)
     with mmengine_safe_globals(), _console(typed["trainer"].progress):
         try:
             runner = Runner.from_cfg(mm)

@@ -29,7 +29,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lbc
 from lbc import config as lbc_config
-from lbc.config.classification import checkpoint_cadence
 from lbc.data import build_datasets, build_loader, build_mixup
 from lbc.engine import checkpoint
 from lbc.engine.loop import EpochProgress, evaluate, train_one_epoch
@@ -38,10 +37,11 @@ from lbc.errors import ConfigError, DataError
 from lbc.io import load_model_weights
 from lbc.models import build_model
 from lbc.run import distributed
+from lbc.run.cadence import StepCheckpoints
 from lbc.run.lifecycle import Run
 from lbc.run.records import sparsity_scalars
 from lbc.run.resume import check_resume
-from lbc.run.signals import AGREE_EVERY, GracefulStop, Stopped
+from lbc.run.signals import GracefulStop, Stopped
 
 log = logging.getLogger("lbc")
 
@@ -250,31 +250,6 @@ def fit(t: Training) -> dict[str, Any]:
     """
     with t.run, t.run.stop as stop:
         return _fit(t, stop)
-
-
-class StepCheckpoints:
-    """When to write ``last.pt`` inside an epoch (``trainer.checkpoint_every``): every N steps, or once N
-    minutes of training have passed since the last write. Under torchrun the ranks' clocks differ, so
-    the minutes are compared every :data:`~lbc.run.signals.AGREE_EVERY` steps and agreed on (any rank
-    due: all write), keeping the collective ``Training.state`` matched."""
-
-    def __init__(self, every: Any, stop: GracefulStop) -> None:
-        self.steps, minutes = checkpoint_cadence(every)
-        self.seconds = None if minutes is None else minutes * 60.0
-        self.stop, self.since = stop, time.monotonic()
-
-    def due(self, global_step: int) -> bool:
-        if self.steps is not None:
-            return global_step % self.steps == 0
-        if self.seconds is None:
-            return False
-        late = time.monotonic() - self.since >= self.seconds
-        if not distributed.is_distributed():
-            return late
-        return global_step % AGREE_EVERY == 0 and self.stop.any_rank(late)
-
-    def written(self) -> None:
-        self.since = time.monotonic()
 
 
 def _fit(t: Training, stop: GracefulStop) -> dict[str, Any]:

@@ -9,7 +9,7 @@
   tensors and plain containers only, so ``torch.load(weights_only=True)`` (mmengine's default) reads it;
 - ``config.py``: the run's mmengine config with lbc taken out: ``model`` is the detector itself (not
   ``SparseDetector``), no ``custom_imports`` of lbc, no ``SparsityHook``, no lbc optimizer constructor,
-  no ``load_from`` / ``resume``;
+  mmengine's own train loop and mmdet's batch sampler (not lbc's resumable ones), no ``load_from`` / ``resume``;
 - ``report.json`` (per layer: pattern, density, N:M or not, as a classification export's) and
   ``lbc_export.json`` (what ``lbc-check`` needs: task, pattern, exclusions, the sparse layers, the files).
 
@@ -61,7 +61,8 @@ def _mmdet() -> Any:
 
 def detection_checkpoint(source: str | Path) -> Path | None:
     """The mmengine checkpoint of ``source`` if it is a detection run: a run directory (no ``last.pt``; its
-    ``last_checkpoint`` names the checkpoint, else its newest ``epoch_<n>.pth``) or a ``.pth`` file. None
+    ``last_checkpoint`` names the checkpoint (``epoch_<n>.pth``, or ``iter_<n>.pth`` inside an epoch), else its
+    newest ``epoch_<n>.pth``) or a ``.pth`` file. None
     for anything else (a classification or lm run: :func:`lbc.export.fold.load_training_checkpoint`)."""
     path = Path(source)
     if path.is_file():
@@ -132,6 +133,17 @@ def plain_config(run_cfg: Any) -> Any:
     wrapper = cfg.get("optim_wrapper")
     if isinstance(wrapper, Mapping) and wrapper.get("constructor") in LBC_TYPES:
         wrapper.pop("constructor")
+    train_cfg = cfg.get("train_cfg")
+    if isinstance(train_cfg, Mapping) and train_cfg.get("type") == "ResumableEpochLoop":
+        train_cfg["type"] = "EpochBasedTrainLoop"  # lbc.detection.loop's subclass: the same loop without resuming
+    loader = cfg.get("train_dataloader")
+    sampler = loader.get("batch_sampler") if isinstance(loader, Mapping) else None
+    if isinstance(sampler, Mapping) and sampler.get("type") == "ResumableBatchSampler":  # the batch sampler it wraps
+        if sampler.get("batch_sampler"):
+            loader["batch_sampler"] = sampler["batch_sampler"]
+        else:
+            loader.pop("batch_sampler")
+            loader["drop_last"] = bool(sampler.get("drop_last", False))
     cfg.load_from, cfg.resume = None, False
     return cfg
 

@@ -139,7 +139,7 @@ def test_checkpoint_every_refuses_what_it_cannot_mean(make_config, value):
 @pytest.mark.parametrize(("value", "cadence"), [(200, (200, None)), ("10min", (None, 10.0)), ("0.5 min", (None, 0.5)),
                                                 (None, (None, None))])
 def test_checkpoint_every_reads_steps_or_minutes(value, cadence):
-    from lbc.config.classification import checkpoint_cadence
+    from lbc.run.cadence import checkpoint_cadence
 
     assert checkpoint_cadence(value) == cadence
 

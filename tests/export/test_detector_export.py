@@ -107,6 +107,7 @@ def test_the_export_is_a_plain_mmdet_checkpoint_with_the_masked_models_predictio
     assert ckpt["meta"]["dataset_meta"]["classes"] == ["circle", "square", "triangle"]
     config = (det_export / "config.py").read_text()
     assert "SparseDetector" not in config and "lbc" not in config and "type='FasterRCNN'" in config
+    assert "Resumable" not in config and "type='EpochBasedTrainLoop'" in config  # mmengine's loop, mmdet's sampler
 
     image = str(sorted((det_run.parent / "shapes" / "val2017").iterdir())[0])
     out = tmp_path / "plain.pt"

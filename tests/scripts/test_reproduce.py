@@ -134,6 +134,28 @@ def test_a_failing_row_is_one_line_and_the_others_go_on(tmp_path: Path):
     assert "Traceback" not in done.stdout + done.stderr
     srste = yaml.safe_load((tmp_path / "table1/small/srste_2x4/seed0/config.yaml").read_text())
     assert srste["sparsity"]["lambda_w"] == pytest.approx(1e-4)  # the extra override reached the run
+    # row.json records what a run was started with: the refused row never started, so it has none
+    assert "sparsity.lambda_w=1e-4" in json.loads((tmp_path / "table1/small/srste_2x4/seed0/row.json").read_text())["overrides"]
+    assert not (tmp_path / "table1/small/dense/seed0/row.json").exists()
+
+
+def test_a_start_the_trainer_refused_puts_the_previous_row_json_back(tmp_path: Path):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(run_dir=tmp_path, row_json=lambda: {"overrides": ["optim.lr=0.5"]})
+    (tmp_path / "row.json").write_text('{"overrides": ["optim.lr=0.1"]}\n')
+    (tmp_path / "config.yaml").write_text("optim: {lr: 0.1}\n")
+    refused = reproduce.RowRecord(run)
+    assert json.loads((tmp_path / "row.json").read_text())["overrides"] == ["optim.lr=0.5"]  # while it runs
+    refused.settle()  # config.yaml untouched: the trainer never began
+    assert json.loads((tmp_path / "row.json").read_text())["overrides"] == ["optim.lr=0.1"]
+    began = reproduce.RowRecord(run)
+    tmp = tmp_path / "config.yaml.tmp"
+    tmp.write_text("optim: {lr: 0.5}\n")
+    tmp.replace(tmp_path / "config.yaml")  # Run.begin's atomic write
+    began.settle()
+    assert json.loads((tmp_path / "row.json").read_text())["overrides"] == ["optim.lr=0.5"]
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_an_unfinished_run_resumes_in_its_run_dir(tmp_path: Path):

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+
+# One thread per test process, in this process (set before torch is imported) and in the subprocesses the tests
+# start: pytest-xdist runs two test processes on the two cores (pyproject's addopts), and results compared
+# between a subprocess and this process come from the same thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path
 
-import pytest
-from omegaconf import DictConfig
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from tests.helpers import TINY, compose_config
+from tests.helpers import TINY, compose_config  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture

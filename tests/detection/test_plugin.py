@@ -35,7 +35,7 @@ from tests.helpers import PYTHON, ROOT
 # Measured: Faster bbox mAP 0.001 -> 0.053 (mAP_50 0.004 -> 0.143); Mask bbox 0.000 -> 0.073 (0.001 -> 0.204),
 # segm 0.000 -> 0.053 (0.000 -> 0.168). Fewer steps leave it near 0.01 (Faster after 2 epochs: 0.010).
 MAP_DATA = {"train_images": 128, "val_images": 24, "image_size": 64, "max_objects": 3, "seed": 0}
-MAP_SCHEDULE = {"faster": (3, 1), "mask": (4, 2)}  # (epochs, t_f)
+MAP_SCHEDULE = {"mask": (4, 2)}  # (epochs, t_f)
 MAP_OPTIMIZER = {"type": "AdamW", "lr": 1e-3, "weight_decay": 0.05}
 TINY_DATA = {"train_images": 8, "val_images": 4, "image_size": 64, "max_objects": 3, "seed": 0}
 DENSE_PARTS = ("neck", "rpn_head", "roi_head")
@@ -193,9 +193,10 @@ def test_optimizer_holds_every_score_once_with_the_method_decay():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["faster", "mask"])
-def test_lbc_map_rises_backbone_ends_2_4_scores_freeze(kind: str, map_shapes: Path, tmp_path: Path):
-    work = tmp_path / "run"
+def test_lbc_map_rises_backbone_ends_2_4_scores_freeze(map_shapes: Path, tmp_path: Path):
+    """Mask R-CNN (its box branch is Faster R-CNN's; Faster R-CNN itself trains in the SR-STE/ASP, resume and
+    export tests): bbox and segm mAP rise well above the untrained model's under LBC 2:4."""
+    kind, work = "mask", tmp_path / "run"
     epochs, t_f = MAP_SCHEDULE[kind]
     cfg = detection_config(kind, map_shapes, work, sparsity={"method": "lbc", "pattern": "2:4", "t_i": 0, "t_f": t_f},
                            epochs=epochs, optimizer=MAP_OPTIMIZER, image_size=MAP_DATA["image_size"])

@@ -77,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.quiet:
         print(format_checks(folded.layers, folded.pattern))
-    if report.get("task") == "lm":
-        return _lm_done(args, report)
-    if report.get("task") == "detection":
-        return _detection_done(args, report)
+    if report.get("task") in PLAIN_EXPORTS:
+        return _plain_done(args, report)
     params = sum(v.numel() for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
     nonzero = sum(int((v != 0).sum()) for k, v in folded.state.items() if k.endswith(".weight") and v.dim() in (2, 4))
     nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
@@ -100,36 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _lm_done(args: argparse.Namespace, report: dict[str, Any]) -> int:
-    """The closing line of a language-model export (and --accelerate's reason for not running)."""
+# The closing line of an export that needs no lbc code to load, per task: where the run stood (its record's key),
+# which weights are counted, what was compared, and why --accelerate does not time it.
+PLAIN_EXPORTS: dict[str, tuple[str, str, str, str]] = {
+    "lm": ("step", "linear weights", "from_pretrained's logits equal the masked model's",
+           "task=lm: --accelerate times image models from config.yaml; a transformers export is not timed"),
+    "detection": ("epoch", "conv/linear weights", "the plain mmdet model's outputs equal the masked model's",
+                  "task=detection: --accelerate times image classifiers from config.yaml; a detector is not timed"),
+}
+
+
+def _plain_done(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """The closing line of a language-model or detection export (and --accelerate's reason for not running)."""
     from lbc.export.lm import linear_weights
 
+    position, weights, compared, why = PLAIN_EXPORTS[report["task"]]
     nonzero, params = linear_weights(report)
     nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
-    print(f"exported {report['model']} ({report['method']} {report['pattern']}, step {report['step']}) to {args.out}: "
-          f"{', '.join(report['files'])}; {report['nm_layers']} layers {nm} {report['pattern']}, linear weights "
-          f"{nonzero}/{params} non-zero; from_pretrained's logits equal the masked model's "
-          f"(max |diff| {report['max_abs_diff']:.3g})")
-    if args.accelerate:
-        why = "task=lm: --accelerate times image models from config.yaml; a transformers export is not timed"
-        print(f"accelerate: not run: {why}")
-        report["acceleration"] = {"converted": 0, "reason": why}
-        atomic_write(Path(args.out) / "report.json", lambda p: p.write_text(report_json(report)))
-    return 0
-
-
-def _detection_done(args: argparse.Namespace, report: dict[str, Any]) -> int:
-    """The closing line of a detection export (and --accelerate's reason for not running)."""
-    from lbc.export.lm import linear_weights
-
-    nonzero, params = linear_weights(report)
-    nm = "exactly" if report["exact_nm"] else ("at most N of M" if report["nm"] else "NOT")
-    print(f"exported {report['model']} ({report['method']} {report['pattern']}, epoch {report['epoch']}) to "
+    print(f"exported {report['model']} ({report['method']} {report['pattern']}, {position} {report[position]}) to "
           f"{args.out}: {', '.join(report['files'])}; {report['nm_layers']} layers {nm} {report['pattern']}, "
-          f"conv/linear weights {nonzero}/{params} non-zero; the plain mmdet model's outputs equal the masked "
-          f"model's (max |diff| {report['max_abs_diff']:.3g})")
+          f"{weights} {nonzero}/{params} non-zero; {compared} (max |diff| {report['max_abs_diff']:.3g})")
     if args.accelerate:
-        why = "task=detection: --accelerate times image classifiers from config.yaml; a detector is not timed"
         print(f"accelerate: not run: {why}")
         report["acceleration"] = {"converted": 0, "reason": why}
         atomic_write(Path(args.out) / "report.json", lambda p: p.write_text(report_json(report)))

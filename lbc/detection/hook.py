@@ -20,7 +20,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
-from lbc.engine.checkpoint import rng_state, set_rng_state
+from lbc.engine.checkpoint import gather_rng_states, restore_rng_states, rng_state, set_rng_state
 from lbc.errors import ConfigError
 from lbc.run.records import MetricsRecord, progress_line, sparsity_scalars
 from lbc.sparsity import SparsityMethod
@@ -28,7 +28,7 @@ from lbc.sparsity import SparsityMethod
 __all__ = ["SparsityHook", "find_sparsity"]
 
 STATE_KEY = "lbc_sparsity"  # the method's schedule bookkeeping in an mmengine checkpoint
-RNG_KEY = "lbc_rng"  # torch / cuda / numpy / python RNG states at the moment the checkpoint was saved
+RNG_KEY = "lbc_rng"  # every rank's torch / cuda / numpy / python RNG states when the checkpoint was saved
 SINCE_KEY = "lbc_record_since"  # the next record's start: {"iter", "seconds" of training since then}
 
 
@@ -66,6 +66,7 @@ class SparsityHook(Hook):
         self._rng_before_val: dict[str, Any] | None = None
         self._since: tuple[int, float] | None = None  # (iteration, perf_counter) of the last record, or the start
         self._resumed_since: tuple[int, float] | None = None  # (iteration, seconds) a checkpoint inside an epoch held
+        self._gathered: tuple[int, list[dict[str, Any]]] | None = None  # (iteration, every rank's RNG states)
 
     # --- training -----------------------------------------------------------------------------
     def before_train(self, runner: Any) -> None:
@@ -93,6 +94,19 @@ class SparsityHook(Hook):
             for name, value in find_sparsity(runner.model).report()["scalars"].items():
                 runner.message_hub.update_scalar(f"train/sparsity/{name}", value)
         self._changed = False
+
+    def after_train_epoch(self, runner: Any) -> None:
+        """Gather every rank's RNG states for the epoch's checkpoint (CheckpointHook saves after this hook)."""
+        self.gather_rng_states(runner)
+
+    def gather_rng_states(self, runner: Any) -> None:
+        """Collect every rank's RNG states for a checkpoint about to be written at this iteration.
+
+        mmengine's ``Runner.save_checkpoint`` runs on rank 0 only, so :meth:`before_save_checkpoint` cannot ask
+        the other ranks: this collective runs on every rank just before (after each epoch here, and before an
+        ``iter_<n>.pth`` in lbc's control hook).
+        """
+        self._gathered = (runner.iter, gather_rng_states())
 
     def after_train(self, runner: Any) -> None:
         """Check the method's promise (``finalize``) and log a one-line summary.
@@ -135,15 +149,18 @@ class SparsityHook(Hook):
 
     # --- checkpoints --------------------------------------------------------------------------
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        """Store the schedule's bookkeeping, the RNG states and the record's clock (tensors, numbers: weights-only
-        loadable)."""
+        """Store the schedule's bookkeeping, every rank's RNG states and the record's clock (tensors, numbers:
+        weights-only loadable). A save no gather preceded (a checkpoint interval in iterations set in the mmdet
+        config) holds rank 0's states only; every rank resumes with them."""
         checkpoint[STATE_KEY] = find_sparsity(runner.model).state_dict()
-        checkpoint[RNG_KEY] = rng_state()
+        gathered = self._gathered
+        checkpoint[RNG_KEY] = gathered[1] if gathered is not None and gathered[0] == runner.iter else [rng_state()]
         if self._since is not None:
             checkpoint[SINCE_KEY] = {"iter": self._since[0], "seconds": time.perf_counter() - self._since[1]}
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        """Restore the schedule's bookkeeping (masks and scores come with the model's state dict) and RNGs.
+        """Restore the schedule's bookkeeping (masks and scores come with the model's state dict) and this rank's
+        RNG states (:func:`~lbc.engine.checkpoint.restore_rng_states`: rank 0's if the process count changed).
 
         A plain mmdet checkpoint (``load_from`` a model-zoo detector: keys ``backbone.*``, ``neck.*``, ...) gets
         the wrapper's ``detector.`` prefix, so its weights load into the SparseDetector instead of being skipped.
@@ -157,7 +174,7 @@ class SparsityHook(Hook):
         if STATE_KEY in checkpoint:
             find_sparsity(runner.model).load_state_dict(checkpoint[STATE_KEY])
         if RNG_KEY in checkpoint:
-            set_rng_state(checkpoint[RNG_KEY])
+            restore_rng_states(checkpoint[RNG_KEY])
         since = checkpoint.get(SINCE_KEY)
         if isinstance(since, dict) and checkpoint.get("meta", {}).get("epoch_step"):  # written inside an epoch
             self._resumed_since = (int(since["iter"]), float(since["seconds"]))

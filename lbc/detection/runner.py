@@ -223,6 +223,11 @@ def _save_inside_epoch(runner: Any, epoch_step: int) -> None:
     the older ``iter_*.pth``: a kill at any moment leaves ``last_checkpoint`` naming a whole checkpoint."""
     from mmengine.dist import is_main_process
 
+    from lbc.detection.hook import SparsityHook
+
+    for hook in runner.hooks:  # every rank's RNG states: the save below runs on rank 0 only
+        if isinstance(hook, SparsityHook):
+            hook.gather_rng_states(runner)
     work_dir = Path(runner.work_dir)
     name = f"iter_{runner.iter + 1}.pth"
     temporary = f".{name}.tmp"

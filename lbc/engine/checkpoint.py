@@ -66,6 +66,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective under torchrun: call it on every rank).
+
+    A checkpoint stores this list: each rank's random stream differs (its own data, its own random draws:
+    a detector's samplers draw as many numbers as its proposals), so one rank's states cannot stand for all.
+    """
+    from lbc.run import distributed
+
+    return distributed.all_gather_object(rng_state())
+
+
+def restore_rng_states(states: list[dict[str, Any]] | dict[str, Any]) -> bool:
+    """Set this rank's RNG states from a checkpoint's :func:`gather_rng_states` list; the one rule of every task.
+
+    With as many ranks as wrote it, each rank takes its own and ``True`` is returned. With another count, every
+    rank takes rank 0's (``False``: the caller decides what else cannot continue exactly). A bare dict (one
+    process's :func:`rng_state`, as detection checkpoints held before) counts as a list of one.
+    """
+    from lbc.run import distributed
+
+    listed = [states] if isinstance(states, Mapping) else list(states)
+    same_world = len(listed) == distributed.world_size()
+    set_rng_state(listed[distributed.rank()] if same_world else listed[0])
+    return same_world
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 

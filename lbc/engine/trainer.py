@@ -108,7 +108,7 @@ class Training:
             "epoch": epoch,
             "epoch_step": progress.step if inside else 0,  # steps done in epoch `epoch` + 1
             "epoch_progress": distributed.all_gather_object(progress.state_dict()) if inside else None,
-            "rng": distributed.all_gather_object(checkpoint.rng_state()),
+            "rng": checkpoint.gather_rng_states(),
             "metrics": self.last,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
@@ -137,19 +137,17 @@ class Training:
             else:  # EMA switched on at resume: start it from the resumed weights, not the initial ones
                 self.ema.set(self.model)
         self.start_epoch, self.last, self.resumed_from = int(ckpt["epoch"]), ckpt.get("metrics", {}), path
-        rng, mine = ckpt["rng"], distributed.rank()
-        same_world = len(rng) == distributed.world_size()
-        checkpoint.set_rng_state(rng[mine] if same_world else rng[0])
+        same_world = checkpoint.restore_rng_states(ckpt["rng"])
         progress = ckpt.get("epoch_progress")
         if int(ckpt.get("epoch_step") or 0) > 0 and progress:
             if not same_world:  # each rank's share of the epoch differs with the processes: redo the epoch
                 log.info("%s: written inside epoch %d by %d process(es), resumed with %d: epoch %d starts over",
-                         path, self.start_epoch + 1, len(rng), distributed.world_size(), self.start_epoch + 1)
+                         path, self.start_epoch + 1, len(ckpt["rng"]), distributed.world_size(), self.start_epoch + 1)
             elif int(ckpt["epoch_step"]) > self.steps:
                 raise ConfigError(f"{key}={path!r} is at step {ckpt['epoch_step']} of epoch {self.start_epoch + 1}, "
                                   f"past the {self.steps} steps an epoch has now; put trainer.max_steps_per_epoch back")
             else:
-                self.start = EpochProgress.from_state(progress[mine])
+                self.start = EpochProgress.from_state(progress[distributed.rank()])
 
 
 def build(cfg: DictConfig) -> Training:

@@ -88,7 +88,7 @@ class LMTraining:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch(step),
             "step": step,
-            "rng": distributed.all_gather_object(checkpoint.rng_state()),
+            "rng": checkpoint.gather_rng_states(),
             "metrics": self.last,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "hf_config": self.model.config.to_dict(),  # what lbc-export rebuilds the transformers model from
@@ -119,8 +119,7 @@ class LMTraining:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_step, self.last, self.resumed_from = int(ckpt["step"]), ckpt.get("metrics", {}), path
-        rng = ckpt["rng"]
-        checkpoint.set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
+        checkpoint.restore_rng_states(ckpt["rng"])
 
 
 def build(cfg: DictConfig) -> LMTraining:

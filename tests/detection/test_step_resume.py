@@ -23,20 +23,21 @@ TINY = ["task=detection", "data.train_images=12", "data.val_images=4", "data.ima
         "data.val_batch_size=4", "schedule.epochs=2", "schedule.milestones=[]", "schedule.warmup_iters=3",
         "trainer.log_interval=1", "trainer.progress=false", "sparsity.t_i=0", "sparsity.t_f=1.5"]
 
-# Runs lbc-train; after training iteration `at` (0-based, across epochs) it sends itself `sig`, from SparsityHook's
-# after_train_iter, which runs before lbc's control hook saves a checkpoint due at that iteration.
+# Runs lbc-train; after training iteration `at` (0-based, across epochs) the process of rank `rank` (0 when not under
+# torchrun) sends itself `sig`, from SparsityHook's after_train_iter, which runs before lbc's control hook saves a
+# checkpoint due at that iteration.
 KILLER = """
 import os, signal, sys
 from lbc.detection.hook import SparsityHook
-sig, at = getattr(signal, sys.argv[1]), int(sys.argv[2])
+sig, at, rank = getattr(signal, sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 original = SparsityHook.after_train_iter
 def after_train_iter(self, runner, *args, **kwargs):
     original(self, runner, *args, **kwargs)
-    if runner.iter == at:
+    if runner.iter == at and int(os.environ.get("RANK", 0)) == rank:
         os.kill(os.getpid(), sig)
 SparsityHook.after_train_iter = after_train_iter
 from lbc.cli.train import main
-main(sys.argv[3:])
+main(sys.argv[4:])
 """
 
 
@@ -45,7 +46,17 @@ def env() -> dict[str, str]:
 
 
 def train(args: list[str], kill: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    command = [PYTHON, "-c", KILLER, kill[0], str(kill[1]), *args] if kill else [PYTHON, "-m", "lbc.cli.train", *args]
+    command = [PYTHON, "-c", KILLER, kill[0], str(kill[1]), "0", *args] if kill else [PYTHON, "-m", "lbc.cli.train", *args]
+    return subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def torchrun(script: Path, args: list[str], kill: tuple[str, int, int] | None = None) -> subprocess.CompletedProcess:
+    """``lbc-train`` in 2 gloo processes (torchrun needs a script file: the KILLER, which kills nothing without
+    ``kill``)."""
+    script.write_text(KILLER)
+    signal_args = [kill[0], str(kill[1]), str(kill[2])] if kill else ["SIGKILL", "-1", "-1"]
+    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               *signal_args, *args]
     return subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
@@ -54,13 +65,17 @@ def records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-def final_state(run_dir: Path) -> dict:
+def load(path: Path) -> dict:
     import torch
 
     from lbc.detection.checkpoint import mmengine_safe_globals
 
     with mmengine_safe_globals():
-        ckpt = torch.load(run_dir / "epoch_2.pth", map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = load(run_dir / "epoch_2.pth")
     return {"state_dict": ckpt["state_dict"], "optimizer": ckpt["optimizer"]["state"]}
 
 
@@ -109,5 +124,32 @@ def test_sigterm_and_sigkill_inside_epochs_resume_bit_exact(tmp_path: Path):
     assert f"resuming from {split / 'iter_8.pth'} at epoch 2 step 2" in third.stdout, third.stdout[-3000:]
     assert not list(split.glob("iter_*.pth"))  # the epoch's checkpoint made it obsolete
 
+    assert records(split) == records(straight) and [r["epoch"] for r in records(split)] == [1, 2]
+    assert_same(final_state(split), final_state(straight))
+
+
+def test_two_processes_rank_1_killed_inside_an_epoch_resume_bit_exact(tmp_path: Path):
+    """Under torchrun (2 gloo processes, 6 iterations an epoch each) every checkpoint holds each rank's RNG states
+    (their streams differ: the detector's samplers draw as many numbers as each rank's proposals), and each rank
+    resumes with its own: SIGKILL of rank 1 inside epoch 2 leaves ``iter_8.pth``, and the resume ends with the
+    uninterrupted run's weights, optimizer state and records."""
+    import torch
+
+    two = [*TINY, f"data.root={tmp_path / 'shapes'}", "data.train_images=24", "trainer.checkpoint_every=4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    done = torchrun(tmp_path / "job.py", [*two, f"run_dir={straight}"])
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+
+    killed = torchrun(tmp_path / "job.py", [*two, f"run_dir={split}"], kill=("SIGKILL", 9, 1))
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    assert (split / "last_checkpoint").read_text().strip() == str(split / "iter_8.pth")
+    ckpt = load(split / "iter_8.pth")
+    assert (ckpt["meta"]["epoch"], ckpt["meta"]["epoch_step"]) == (1, 2)
+    rngs = ckpt["lbc_rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # one rank cannot stand for both
+
+    again = torchrun(tmp_path / "job.py", [*two, f"run_dir={split}"])
+    assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
+    assert f"resuming from {split / 'iter_8.pth'} at epoch 2 step 2" in again.stdout, again.stdout[-3000:]
     assert records(split) == records(straight) and [r["epoch"] for r in records(split)] == [1, 2]
     assert_same(final_state(split), final_state(straight))
